@@ -1,0 +1,11 @@
+"""compose: teach a pretrained LLM new skills without breaking the old ones.
+
+Augment a frozen anchor model with block expansion (LLaMA Pro) or CALM composition.
+"""
+
+__version__ = "0.1.0"
+
+from .composer import Composer, load_model  # noqa: E402
+from .strategies import STRATEGIES, Strategy, StrategyConfig, register  # noqa: E402
+
+__all__ = ["Composer", "load_model", "STRATEGIES", "Strategy", "StrategyConfig", "register", "__version__"]

@@ -1,0 +1,107 @@
+"""The strategy interface and its registry.
+
+A strategy is a config dataclass plus a class, registered in one line::
+
+    @register
+    class BlockExpand(Strategy):
+        name = "block_expand"
+        config_class = BlockExpandConfig
+
+A strategy only *builds* (turns frozen base model(s) into a composed module with the
+right parameters trainable) and *saves/loads* what it built. Loading models, data,
+training and evaluation are the :class:`~compose.Composer`'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+from transformers import PreTrainedModel
+
+__all__ = ["StrategyConfig", "Strategy", "STRATEGIES", "register", "get_strategy", "make_config"]
+
+
+@dataclasses.dataclass
+class StrategyConfig:
+    """Base class of strategy options. Subclasses validate in ``__post_init__``."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Strategy(ABC):
+    """Builds a composed model from frozen base models; saves and reloads it."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[StrategyConfig]]
+    #: how many augmenting models the strategy takes: 0 (none) or None (one or more).
+    takes_augment: ClassVar[bool] = False
+
+    def __init__(self, config: StrategyConfig):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    @abstractmethod
+    def build(self, anchor: PreTrainedModel, augments: list[PreTrainedModel]) -> nn.Module:
+        """Return the composed model. ``anchor``/``augments`` are owned by compose and may be modified.
+
+        Parameters that should train have ``requires_grad=True``; every other parameter
+        ``requires_grad=False``. The returned module's ``forward(input_ids, attention_mask,
+        labels)`` returns an output with ``.loss`` and ``.logits``.
+        """
+
+    @abstractmethod
+    def save(self, model: nn.Module, directory: Path) -> dict[str, Any]:
+        """Write the strategy's weights into ``directory``; return extra JSON state for ``compose.json``."""
+
+    @abstractmethod
+    def load(
+        self,
+        directory: Path,
+        state: dict[str, Any],
+        anchor: PreTrainedModel | None,
+        augments: list[PreTrainedModel],
+    ) -> nn.Module:
+        """Rebuild the composed model from a directory written by :meth:`save`.
+
+        ``anchor`` is ``None`` when the directory holds the full model (``block_expand``).
+        """
+
+    def loads_anchor_from_directory(self) -> bool:
+        """True when :meth:`save` writes the whole model, so ``load`` needs no anchor."""
+        return False
+
+
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator adding a strategy to :data:`STRATEGIES` under ``cls.name``."""
+    if cls.name in STRATEGIES and STRATEGIES[cls.name] is not cls:
+        raise ValueError(f"strategy {cls.name!r} is registered twice")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def get_strategy(name: str) -> type[Strategy]:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; known strategies: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name]
+
+
+def make_config(name: str, options: dict[str, Any]) -> StrategyConfig:
+    """Build ``name``'s config from keyword options; an unknown option is a ``ValueError`` naming it."""
+    config_class = get_strategy(name).config_class
+    fields = {f.name for f in dataclasses.fields(config_class) if f.init}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(map(repr, unknown))} for strategy {name!r}; "
+            f"accepted: {', '.join(sorted(fields)) or '(none)'}"
+        )
+    return config_class(**options)

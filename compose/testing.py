@@ -1,0 +1,91 @@
+"""Tiny random models of every supported family, for tests, demos and recipe dry runs.
+
+No weights are downloaded: each model is built from a config and then *every* parameter
+is re-drawn at random (including biases and norm weights), so that an invariant holding
+on these models is not an accident of zero biases or unit norms.
+
+>>> from compose.testing import tiny_model
+>>> model = tiny_model("llama", seed=0)
+>>> model.config.num_hidden_layers
+4
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    Gemma2Config,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Phi3Config,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+__all__ = ["TINY_FAMILIES", "tiny_config", "tiny_model", "randomize_"]
+
+VOCAB = 96
+
+
+def tiny_config(family: str, *, hidden: int = 32, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                vocab: int = VOCAB, positions: int = 128, tie: bool | None = None):
+    """A small config of ``family`` (a ``model_type``) with biases switched on where the family allows."""
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=2 * hidden, max_position_embeddings=positions,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    llama_like = dict(common, num_key_value_heads=kv_heads)
+    if family == "llama":
+        cfg = LlamaConfig(**llama_like, attention_bias=True, mlp_bias=True)
+    elif family == "mistral":
+        cfg = MistralConfig(**llama_like, sliding_window=None)
+    elif family == "qwen2":
+        cfg = Qwen2Config(**llama_like, use_sliding_window=False)
+    elif family == "qwen3":
+        cfg = Qwen3Config(**llama_like, head_dim=hidden // heads, attention_bias=True)
+    elif family == "gemma":
+        cfg = GemmaConfig(**llama_like, head_dim=hidden // heads)
+    elif family == "gemma2":
+        cfg = Gemma2Config(**llama_like, head_dim=hidden // heads, sliding_window=8)
+    elif family == "phi3":
+        cfg = Phi3Config(**llama_like)
+    elif family == "mixtral":
+        cfg = MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2)
+    elif family == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=positions,
+                         n_inner=2 * hidden, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    elif family == "gpt_neox":
+        cfg = GPTNeoXConfig(**common, use_parallel_residual=True)
+    else:
+        raise ValueError(f"no tiny config for family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, 0.0)
+    if tie is not None:
+        cfg.tie_word_embeddings = tie
+    return cfg
+
+
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "mixtral")
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Re-draw every parameter of ``model`` in place (deterministic for a seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        param.copy_(torch.randn(param.shape, generator=gen) * std + (1.0 if param.ndim == 1 and "norm" in _ else 0.0))
+    return model
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **config_kwargs) -> PreTrainedModel:
+    """A tiny ``*ForCausalLM`` of ``family`` in fp32 eval mode with every parameter random."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **config_kwargs), attn_implementation="eager")
+    randomize_(model, seed)
+    return model.eval()
