@@ -75,8 +75,14 @@ def load_model(
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
     return names[dtype]
@@ -132,7 +138,9 @@ class Composer:
         strategy_cls = get_strategy(self.strategy_name)
         augments_in = [] if augment is None else list(augment) if isinstance(augment, (list, tuple)) else [augment]
         if strategy_cls.takes_augment and not augments_in:
-            raise ValueError(f"strategy {self.strategy_name!r} needs an augmenting model: Composer(anchor, augment, ...)")
+            raise ValueError(
+                f"strategy {self.strategy_name!r} needs an augmenting model: Composer(anchor, augment, ...)"
+            )
         if not strategy_cls.takes_augment and augments_in:
             raise ValueError(f"strategy {self.strategy_name!r} takes no augmenting model")
         self.strategy = strategy_cls(config)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    GemmaConfig,
     Gemma2Config,
+    GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -33,12 +33,29 @@ __all__ = ["TINY_FAMILIES", "tiny_config", "tiny_model", "randomize_"]
 VOCAB = 96
 
 
-def tiny_config(family: str, *, hidden: int = 32, layers: int = 4, heads: int = 4, kv_heads: int = 2,
-                vocab: int = VOCAB, positions: int = 128, tie: bool | None = None):
+def tiny_config(
+    family: str,
+    *,
+    hidden: int = 32,
+    layers: int = 4,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = VOCAB,
+    positions: int = 128,
+    tie: bool | None = None,
+):
     """A small config of ``family`` (a ``model_type``) with biases switched on where the family allows."""
-    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                  intermediate_size=2 * hidden, max_position_embeddings=positions,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     llama_like = dict(common, num_key_value_heads=kv_heads)
     if family == "llama":
         cfg = LlamaConfig(**llama_like, attention_bias=True, mlp_bias=True)
@@ -57,8 +74,17 @@ def tiny_config(family: str, *, hidden: int = 32, layers: int = 4, heads: int = 
     elif family == "mixtral":
         cfg = MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2)
     elif family == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=positions,
-                         n_inner=2 * hidden, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        cfg = GPT2Config(
+            vocab_size=vocab,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=positions,
+            n_inner=2 * hidden,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
     elif family == "gpt_neox":
         cfg = GPTNeoXConfig(**common, use_parallel_residual=True)
     else:

@@ -43,7 +43,9 @@ class Strategy(ABC):
 
     def __init__(self, config: StrategyConfig):
         if not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}"
+            )
         self.config = config
 
     @abstractmethod

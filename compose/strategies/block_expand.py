@@ -129,7 +129,9 @@ class BlockExpand(Strategy):
         blocks = list(arch.get_blocks(anchor))
         n = len(blocks)
         if n != arch.num_layers(anchor):
-            raise ValueError(f"{family.name} model has {n} blocks but config.num_hidden_layers={arch.num_layers(anchor)}")
+            raise ValueError(
+                f"{family.name} model has {n} blocks but config.num_hidden_layers={arch.num_layers(anchor)}"
+            )
         plan = plan_insertions(n, self.config)
         per_layer = {key: list(getattr(anchor.config, key)) for key in arch.per_layer_config_keys(anchor.config)}
 
