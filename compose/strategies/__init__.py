@@ -2,6 +2,8 @@
 
 from .base import STRATEGIES, Strategy, StrategyConfig, get_strategy, make_config, register
 from .block_expand import BlockExpand, BlockExpandConfig
+from .full import Full, FullConfig
+from .lora import Lora, LoraConfig, merge_and_export
 
 __all__ = [
     "STRATEGIES",
@@ -12,4 +14,9 @@ __all__ = [
     "register",
     "BlockExpand",
     "BlockExpandConfig",
+    "Full",
+    "FullConfig",
+    "Lora",
+    "LoraConfig",
+    "merge_and_export",
 ]

@@ -1,0 +1,80 @@
+"""Full fine-tuning baseline: every parameter of the anchor trains.
+
+No parameters are added and nothing is frozen (except, optionally, the embeddings), so
+this is the "full fine-tuning" row of the LLaMA Pro ablation and the "m_B fine-tuned"
+column of CALM's tables, and the second stage of LLaMA Pro (full SFT of the expanded
+model). ``save`` writes a plain transformers checkpoint.
+
+Unlike the other strategies this one *does* change the anchor's weights: its point is
+to measure what that costs (forgetting).
+
+>>> from compose import Composer
+>>> from compose.testing import tiny_model
+>>> c = Composer(tiny_model("llama"), strategy="full")
+>>> len(c.trainable_parameters()) == len(list(c.model.parameters()))
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .base import Strategy, StrategyConfig, register
+
+__all__ = ["FullConfig", "Full"]
+
+
+@dataclass
+class FullConfig(StrategyConfig):
+    """Options of ``full``.
+
+    Attributes:
+        train_embeddings: also train the input embeddings and the LM head (when they are
+            tied, one tensor). ``False`` freezes both, a common choice for SFT.
+    """
+
+    train_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train_embeddings, bool):
+            raise ValueError(f"train_embeddings must be true or false, got {self.train_embeddings!r}")
+
+
+@register
+class Full(Strategy):
+    name = "full"
+    config_class = FullConfig
+
+    def build(self, anchor: PreTrainedModel, augments: list[PreTrainedModel]) -> nn.Module:
+        if augments:
+            raise ValueError("full takes no augmenting model; pass only the anchor")
+        self._unfreeze(anchor)
+        return anchor
+
+    def _unfreeze(self, model: PreTrainedModel) -> None:
+        model.requires_grad_(True)
+        if not self.config.train_embeddings:
+            model.get_input_embeddings().requires_grad_(False)
+            head = model.get_output_embeddings()
+            if head is not None:
+                head.requires_grad_(False)
+
+    def save(self, model: nn.Module, directory: Path) -> dict[str, Any]:
+        model.save_pretrained(directory, safe_serialization=True)
+        return {}
+
+    def loads_anchor_from_directory(self) -> bool:
+        return True
+
+    def load(self, directory, state, anchor, augments) -> nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto")
+        self._unfreeze(model)
+        return model
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)

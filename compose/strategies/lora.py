@@ -1,0 +1,143 @@
+"""LoRA baseline through ``peft`` (Hu et al., arXiv 2106.09685).
+
+The anchor stays frozen; low-rank adapters ``W + (alpha / r) * B A`` are added to its
+linear layers and only ``A`` and ``B`` train. ``B`` starts at zero, so before training
+the adapted model's outputs equal the anchor's exactly. This is the baseline the LLaMA
+Pro ablation (rank 1024) and CALM's Table 5 compare against.
+
+``save`` writes a standard peft adapter (``adapter_model.safetensors`` +
+``adapter_config.json``) that ``peft.PeftModel.from_pretrained(anchor, dir)`` also
+reads; :func:`merge_and_export` writes merged plain weights that
+``AutoModelForCausalLM.from_pretrained`` loads without peft.
+
+>>> from compose import Composer
+>>> from compose.testing import tiny_model
+>>> c = Composer(tiny_model("llama"), strategy="lora", r=4)
+>>> all("lora_" in n for n in c.trainable_parameters())
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from .base import Strategy, StrategyConfig, register
+
+__all__ = ["LoraConfig", "Lora", "merge_and_export"]
+
+_BIAS = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraConfig(StrategyConfig):
+    """Options of ``lora``.
+
+    Attributes:
+        r: adapter rank.
+        alpha: scale numerator; the update is ``(alpha / r) * B A``.
+        dropout: dropout on the adapter's input (training only).
+        target_modules: ``"all-linear"`` (every linear / Conv1D layer except the LM
+            head, whatever the family calls them) or a list of module-name suffixes such
+            as ``["q_proj", "v_proj"]``.
+        bias: ``"none"``, ``"all"`` or ``"lora_only"``: which biases also train.
+        use_rslora: scale by ``alpha / sqrt(r)`` instead (rank-stabilised LoRA), advisable
+            at large ranks.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+    bias: str = "none"
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.bias not in _BIAS:
+            raise ValueError(f"bias must be one of {', '.join(map(repr, _BIAS))}, got {self.bias!r}")
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = [str(m) for m in self.target_modules]
+            if not self.target_modules:
+                raise ValueError('target_modules is an empty list; give module names or "all-linear"')
+        elif not isinstance(self.target_modules, str):
+            raise ValueError(f'target_modules must be "all-linear" or a list of names, got {self.target_modules!r}')
+
+    def to_peft(self):
+        import peft
+
+        return peft.LoraConfig(
+            task_type="CAUSAL_LM",
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            bias=self.bias,
+            use_rslora=self.use_rslora,
+        )
+
+
+@register
+class Lora(Strategy):
+    name = "lora"
+    config_class = LoraConfig
+
+    def build(self, anchor: PreTrainedModel, augments: list[PreTrainedModel]) -> nn.Module:
+        import peft
+
+        if augments:
+            raise ValueError("lora takes no augmenting model; pass only the anchor")
+        anchor.requires_grad_(False)
+        try:
+            # ``anchor`` belongs to compose (the Composer copied or loaded it), so wrapping in place is fine.
+            return peft.get_peft_model(anchor, self.config.to_peft())
+        except ValueError as e:
+            raise ValueError(f"lora: {e} (model type {anchor.config.model_type!r})") from e
+
+    def save(self, model: nn.Module, directory: Path) -> dict[str, Any]:
+        model.save_pretrained(str(directory), safe_serialization=True)
+        return {"adapter": "adapter_model.safetensors"}
+
+    def load(self, directory, state, anchor, augments) -> nn.Module:
+        import peft
+
+        if anchor is None:
+            raise ValueError("lora needs its anchor model to load an adapter")
+        anchor.requires_grad_(False)
+        # is_trainable: a reloaded adapter can be trained further (fit after load).
+        return peft.PeftModel.from_pretrained(anchor, str(directory), is_trainable=True)
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        """Write merged plain weights (``W + (alpha / r) B A``) as a transformers checkpoint."""
+        merged = copy.deepcopy(model).merge_and_unload()
+        merged.save_pretrained(str(directory), safe_serialization=True)
+
+
+def merge_and_export(composer, directory: str | os.PathLike) -> Path:
+    """Merge a ``lora`` Composer's adapters into a copy of the anchor and save it as a plain checkpoint.
+
+    The result (with the tokenizer, when known) loads with ``AutoModelForCausalLM.from_pretrained``
+    and no peft. The Composer itself is left as it was (the merge happens on a copy, which
+    costs one copy of the weights in memory).
+    """
+    from ..io import atomic_directory
+
+    if composer.strategy_name != "lora":
+        raise ValueError(f"merge_and_export needs a lora Composer, got strategy {composer.strategy_name!r}")
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        composer.strategy.export(composer.model, tmp)
+        if composer.tokenizer is not None:
+            composer.tokenizer.save_pretrained(tmp)
+    return directory
