@@ -2,6 +2,7 @@
 
 from .base import STRATEGIES, Strategy, StrategyConfig, get_strategy, make_config, register
 from .block_expand import BlockExpand, BlockExpandConfig
+from .calm import Calm, CalmConfig, CalmModel
 from .full import Full, FullConfig
 from .lora import Lora, LoraConfig, merge_and_export
 
@@ -14,6 +15,9 @@ __all__ = [
     "register",
     "BlockExpand",
     "BlockExpandConfig",
+    "Calm",
+    "CalmConfig",
+    "CalmModel",
     "Full",
     "FullConfig",
     "Lora",
