@@ -28,7 +28,7 @@ from transformers import (
     Qwen3Config,
 )
 
-__all__ = ["TINY_FAMILIES", "tiny_config", "tiny_model", "randomize_"]
+__all__ = ["TINY_FAMILIES", "tiny_config", "tiny_model", "tiny_tokenizer", "randomize_"]
 
 VOCAB = 96
 
@@ -112,6 +112,27 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
 def tiny_model(family: str = "llama", seed: int = 0, **config_kwargs) -> PreTrainedModel:
     """A tiny ``*ForCausalLM`` of ``family`` in fp32 eval mode with every parameter random."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, **config_kwargs), attn_implementation="eager")
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **config_kwargs))
     randomize_(model, seed)
     return model.eval()
+
+
+def tiny_tokenizer(vocab: int = VOCAB):
+    """A character-level ``PreTrainedTokenizerFast`` of ``vocab`` ids, built offline.
+
+    Ids 0-3 are ``<pad> <s> </s> <unk>``; the rest are printable ASCII characters from
+    the space upwards. It adds ``<s>`` in front of every text, like LLaMA's tokenizer.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 32 + vocab - len(specials))]
+    table = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

@@ -253,6 +253,13 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after ``step`` by an interrupted run, so the resumed log reads as one run."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
 def _prune_checkpoints(output_dir: Path, keep: int) -> None:
     import shutil
 
@@ -278,6 +285,11 @@ def _resolve_mixed_precision(value: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
+
+
+def _has_accelerator() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(mps is not None and mps.is_available())
 
 
 def _trackers(config: TrainConfig) -> list[str] | None:
@@ -388,6 +400,9 @@ def train(composer: Composer, train_data: Any, eval_data: Any, config: TrainConf
 
     trackers = _trackers(config)
     accelerator = Accelerator(
+        # Without this, processes started by torchrun / `accelerate launch --multi_gpu` on a
+        # machine with no GPU would each train alone instead of joining a gloo group.
+        cpu=not _has_accelerator(),
         mixed_precision=_resolve_mixed_precision(config.mixed_precision),
         log_with=trackers,
         project_dir=str(output_dir) if output_dir else None,
@@ -419,13 +434,12 @@ def train(composer: Composer, train_data: Any, eval_data: Any, config: TrainConf
         groups, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps, fused=fused or None
     )
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
 
     step = 0
     if resume_from is not None:
         step = _load_checkpoint(resume_from, accelerator.unwrap_model(wrapped), optimizer, config, world)
-        for _ in range(step):
-            scheduler.step()
+        if main and output_dir is not None:
+            _truncate_metrics(output_dir / "metrics.jsonl", step)
         accelerator.print(f"compose: resumed from {resume_from} at step {step}/{config.max_steps}")
     if output_dir is not None and main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -472,6 +486,9 @@ def train(composer: Composer, train_data: Any, eval_data: Any, config: TrainConf
 
     tokens_seen, t0, loss_acc = 0, time.perf_counter(), 0.0
     while step < config.max_steps:
+        lr = config.learning_rate * _lr_factor(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         loss_sum = 0.0
         for micro in range(config.gradient_accumulation_steps):
             g = step * config.gradient_accumulation_steps + micro
@@ -490,11 +507,10 @@ def train(composer: Composer, train_data: Any, eval_data: Any, config: TrainConf
         else:
             grad_norm = None
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         loss_acc += loss_sum
-        entry = {"step": step, "loss": loss_sum, "lr": scheduler.get_last_lr()[0]}
+        entry = {"step": step, "loss": loss_sum, "lr": lr}
         if grad_norm is not None:
             entry["grad_norm"] = float(grad_norm)
         if config.eval_every and step % config.eval_every == 0 and step < config.max_steps:
