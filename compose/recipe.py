@@ -113,8 +113,9 @@ class EvalSection:
     baseline: bool = False
     """Also evaluate before training (for ``block_expand``/``calm``/``lora`` this is the anchor) and write a forgetting report."""
     batch_size: int = 8
+    """Sequences per evaluation batch (and prompts per generation batch)."""
     seq_len: int | None = None
-    """Default: ``data.seq_len``."""
+    """Tokens per perplexity block; default: ``data.seq_len``."""
     max_batches: int | None = None
     """Cap on batches per perplexity set."""
     max_new_tokens: int | None = None

@@ -1,0 +1,7 @@
+"""``python -m compose ...`` is the ``compose`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

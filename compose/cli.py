@@ -1,0 +1,279 @@
+"""The ``compose`` command: train from a recipe, evaluate, generate, validate recipes, export.
+
+::
+
+    compose train recipes/tiny/block_expand.yaml train.max_steps=20
+    compose eval runs/tiny/block_expand/sft/final --data recipes/tiny/data/general.txt
+    compose generate runs/tiny/block_expand/sft/final --prompt "def f(x):"
+    compose check recipes/**/*.yaml
+    compose export runs/lora/final merged/
+
+Works the same under ``accelerate launch -m compose.cli train RECIPE ...``: every process
+runs the recipe (training is distributed by accelerate); only the main process writes
+files, and printing is the only main-process-only action.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` from the string literals that follow a dataclass's fields."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs: dict[str, str] = {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(getattr(nxt, "value", None), ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _recipe_keys_help() -> str:
+    import dataclasses
+
+    from . import recipe as r
+    from .train import TrainConfig
+
+    lines = ["recipe keys (override any with key=value; see docs/guide.md):"]
+    sections = [
+        ("", r.RecipeSchema, r.RecipeSchema),
+        ("data.", r.DataSection, TrainConfig),
+        ("train.", r.TrainSection, TrainConfig),
+        ("eval.", r.EvalSection, r.EvalSection),
+        ("output.", r.OutputSection, r.OutputSection),
+    ]
+    for prefix, schema, doc_source in sections:
+        docs = {**_attribute_docs(doc_source), **_attribute_docs(schema)}
+        for f in dataclasses.fields(schema):
+            if prefix == "" and f.name in ("data", "train", "eval", "output"):
+                continue
+            doc = docs.get(f.name, "")
+            lines.append(f"  {prefix}{f.name}" + (f": {doc}" if doc else ""))
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compose",
+        description="Teach a pretrained LLM new skills without breaking the old ones "
+        "(block expansion, CALM; LoRA and full fine-tuning baselines).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "train",
+        help="run a recipe (all its stages): fit, evaluate, save",
+        description="Run a YAML recipe: build the Composer(s), fit, evaluate the named sets, save to output.dir.",
+        epilog=_recipe_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", help="path to a YAML recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.max_steps=20")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe, then stop")
+
+    p = sub.add_parser(
+        "eval",
+        help="perplexity (and exact match) of a saved model",
+        description="Evaluate a directory written by Composer.save (or `compose train`).",
+    )
+    p.add_argument("dir", help="a directory with compose.json")
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        metavar="[NAME=]SOURCE",
+        help="a perplexity set: a .txt/.jsonl/.parquet file or a hub dataset name; repeat for several",
+    )
+    p.add_argument("--exact-match", action="append", default=[], metavar="[NAME=]FILE", help="prompt/answer records")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per block (default: min(1024, model limit))")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=None, help="cap on batches per set")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="exact-match generation length")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a saved model",
+        description="Generate continuations of prompts with a saved model (greedy unless --sample).",
+    )
+    p.add_argument("dir", help="a directory with compose.json")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser(
+        "check",
+        help="validate recipes without loading any model",
+        description="Validate recipes: schema, strategy options, training options, local paths. "
+        "Loads no weights and downloads nothing. Exit status 1 if any recipe fails.",
+    )
+    p.add_argument("recipes", nargs="+", help="YAML recipes")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override applied to each")
+
+    p = sub.add_parser(
+        "export",
+        help="write a saved model as a plain transformers checkpoint",
+        description="lora: adapters merged into the weights; block_expand / full: the model without compose.json. "
+        "The result loads with AutoModelForCausalLM.from_pretrained. calm cannot be exported.",
+    )
+    p.add_argument("dir", help="a directory with compose.json")
+    p.add_argument("out", help="the new checkpoint directory")
+    return parser
+
+
+def _named(items: list[str], prefix: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for i, item in enumerate(items):
+        name, sep, src = item.partition("=")
+        if not sep or "/" in name or not name:
+            name, src = (Path(item).stem or f"{prefix}{i}"), item
+        out[name] = src
+    return out
+
+
+def _print(*args: Any, **kwargs: Any) -> None:
+    from .recipe import _is_main_process
+
+    if _is_main_process():
+        print(*args, **kwargs)
+
+
+def _cmd_train(args) -> int:
+    from .recipe import check_recipe, run_recipe
+
+    recipe = check_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        _print(recipe.to_yaml())
+        for stage in recipe.stages:
+            _print(
+                f"stage {stage.name or 'main'}: {stage.config.strategy} on {stage.config.anchor} -> {stage.output_dir}"
+            )
+        return 0
+    results = run_recipe(recipe, log=print)
+    for name, res in results.items():
+        _print(f"compose: stage {name} saved to {res['output']}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate import exact_match, perplexity_report
+    from .recipe import load_output
+
+    composer = load_output(args.dir)
+    results: dict[str, Any] = {
+        "perplexity": perplexity_report(
+            composer,
+            _named(args.data, "set"),
+            batch_size=args.batch_size,
+            seq_len=args.seq_len,
+            max_batches=args.max_batches,
+        )
+    }
+    for name, rep in results["perplexity"].items():
+        _print(f"{name}: perplexity {rep['perplexity']:.4f}  loss {rep['loss']:.4f}  ({rep['tokens']} tokens)")
+    if args.exact_match:
+        results["exact_match"] = {}
+        for name, src in _named(args.exact_match, "task").items():
+            rep = exact_match(composer, src, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+            results["exact_match"][name] = {k: v for k, v in rep.items() if k != "predictions"}
+            _print(f"{name}: exact match {rep['accuracy']:.4f} ({rep['correct']}/{rep['total']})")
+    if args.json:
+        from .recipe import _is_main_process
+
+        if _is_main_process():
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    from .recipe import load_output
+
+    composer = load_output(args.dir)
+    tok = composer.tokenizer
+    if tok is None:
+        raise ValueError(f"{args.dir} has no tokenizer (and its anchor has none): cannot encode text prompts")
+    torch.manual_seed(args.seed)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for prompt in args.prompt:
+        enc = tok(prompt, return_tensors="pt")
+        kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
+        if args.sample:
+            kwargs.update(temperature=args.temperature, top_p=args.top_p)
+        out = composer.generate(enc["input_ids"], attention_mask=enc["attention_mask"], pad_token_id=pad, **kwargs)
+        text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        _print(prompt + text)
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from .recipe import check_recipe
+
+    failed = 0
+    for path in args.recipes:
+        try:
+            recipe = check_recipe(path, args.set)
+        except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit status says so
+            failed += 1
+            print(f"FAIL {path}: {e}", file=sys.stderr)
+            continue
+        stages = ", ".join(f"{s.name or 'main'}:{s.config.strategy}" for s in recipe.stages)
+        _print(f"ok   {path} ({stages})")
+    return 1 if failed else 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export_plain
+    from .recipe import load_output
+
+    composer = load_output(args.dir)
+    out = export_plain(composer, args.out, source_dir=args.dir)
+    _print(f"compose: exported {composer.strategy_name} model to {out}")
+    return 0
+
+
+_COMMANDS = {
+    "train": _cmd_train,
+    "eval": _cmd_eval,
+    "generate": _cmd_generate,
+    "check": _cmd_check,
+    "export": _cmd_export,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``compose`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, OSError, TypeError) as e:
+        print(f"compose {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
