@@ -443,6 +443,14 @@ class CalmModel(nn.Module):
         checkpoints ``forward``, not ``__call__``), so the backward recomputation does not
         re-run them; the augmenting models run without grad and need no checkpointing.
         """
+        block = arch.get_blocks(self.anchor)[0]
+        if not hasattr(type(block).forward, "__wrapped__"):
+            # Older transformers checkpoint ``__call__``: the connection hooks would re-run in the
+            # recomputation without their context and silently give wrong gradients.
+            raise RuntimeError(
+                f"{type(block).__name__} does not checkpoint its forward (transformers too old?); "
+                "CALM gradient checkpointing needs transformers >= 5"
+            )
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         if hasattr(self.anchor, "activation_checkpointing_enable"):  # transformers >= 5.x name
             self.anchor.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
