@@ -239,7 +239,7 @@ def _cmd_check(args) -> int:
             recipe = check_recipe(path, args.set)
         except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit status says so
             failed += 1
-            print(f"FAIL {path}: {e}", file=sys.stderr)
+            print(f"FAIL {e}" if str(path) in str(e) else f"FAIL {path}: {e}", file=sys.stderr)
             continue
         stages = ", ".join(f"{s.name or 'main'}:{s.config.strategy}" for s in recipe.stages)
         _print(f"ok   {path} ({stages})")

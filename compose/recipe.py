@@ -70,7 +70,7 @@ TINY_PREFIX = "tiny:"
 # TrainConfig fields that belong to other sections (or are not recipe material).
 _DATA_KEYS = ("seq_len", "packing", "mask_prompt", "text_field")
 _MOVED = {**{k: f"data.{k}" for k in _DATA_KEYS}, "output_dir": "output.dir", "save_final": None, "callbacks": None}
-_SOURCE_KEYS = ("path", "name", "data_dir", "split", "weight", "max_records")
+_SOURCE_KEYS = ("path", "name", "data_dir", "split", "columns", "weight", "max_records")
 
 
 class RecipeError(ValueError):
@@ -89,7 +89,9 @@ class DataSection:
 
     train: Any = None
     """A source or a list of sources: a local .txt/.jsonl/.parquet file, a hub dataset name, or a mapping
-    ``{path, name, data_dir, split, weight, max_records}`` (``weight`` repeats a source's blocks, e.g. 1.5)."""
+    ``{path, name, data_dir, split, columns, weight, max_records}``: ``name``/``data_dir``/``split`` go to
+    ``datasets.load_dataset``, ``columns`` renames fields (``{content: text}``), ``weight`` repeats a source's
+    blocks (1.5 = all once, half of them twice), ``max_records`` keeps the first N records."""
     eval: Any = None
     """Held-out source(s) whose loss is logged during training (``eval_loss``)."""
     tokenizer: str | None = None
@@ -214,6 +216,8 @@ def _merge(*configs: Any, where: str) -> DictConfig:
         raise RecipeError(_unknown_key_message(str(e.full_key or e.key), where)) from None
     except oc_errors.ValidationError as e:
         raise RecipeError(f"{where}: {e.full_key}: {e.msg}") from None
+    except oc_errors.OmegaConfBaseException as e:
+        raise RecipeError(f"{where}: {getattr(e, 'full_key', None) or ''}: {e}") from None
 
 
 def _to_container(node: Any) -> Any:
@@ -384,7 +388,15 @@ def _resolve_stages(recipe: Recipe, raw: dict, overrides: list[tuple[str, Any]])
             raise RecipeError(f"{sw}: stage name {name!r} is repeated or contains '/'")
         names.add(name)
         options = st.pop("options", None)
-        merged = _merge(OmegaConf.structured(RecipeSchema), base_dict, st, where=sw)
+        base = copy.deepcopy(base_dict)
+        for section, key in (("", "augment"), ("data", "train"), ("data", "eval")):
+            # free-form values (a source, or a list of them): a stage's value replaces the top level's
+            holder, stage_holder = (base, st) if not section else (base[section], st.get(section) or {})
+            if isinstance(stage_holder, dict) and key in stage_holder:
+                holder[key] = None
+        merged = _merge(OmegaConf.structured(RecipeSchema), base, st, where=sw)
+        # ${output.dir} in a stage means the recipe's output dir, not the stage's (set below)
+        OmegaConf.resolve(merged)
         if options is None:
             options = base_dict["options"] if merged.strategy == base_dict["strategy"] else {}
         merged.options = options
@@ -473,6 +485,8 @@ def _check_source(src: Any, where: str) -> None:
             )
         if "path" not in src:
             raise RecipeError(f"{where}: a data source mapping needs 'path'")
+        if not isinstance(src.get("columns") or {}, dict):
+            raise RecipeError(f"{where}: columns must be a mapping {{old_name: new_name}}")
         weight = src.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or weight <= 0:
             raise RecipeError(f"{where}: weight must be a positive number, got {weight!r}")
@@ -483,11 +497,18 @@ def _check_source(src: Any, where: str) -> None:
         raise RecipeError(f"{where}: data file {src!r} does not exist")
 
 
-def _check_model(src: str, where: str) -> None:
+def _check_model(src: str, where: str, produced: str | None = None) -> None:
     if src.startswith(TINY_PREFIX):
         _parse_tiny(src)
+    elif produced is not None and _inside(src, produced):
+        return  # written by an earlier stage of this recipe
     elif _looks_local(src) and not Path(src).expanduser().is_dir():
         raise RecipeError(f"{where}: model directory {src!r} does not exist")
+
+
+def _inside(path: str, root: str) -> bool:
+    p, r = Path(path).expanduser().resolve(), Path(root).expanduser().resolve()
+    return p == r or r in p.parents
 
 
 # ---------------------------------------------------------------------------- check
@@ -502,10 +523,12 @@ def check_recipe(source: str | os.PathLike | dict, overrides: list[str] | tuple[
         cfg = stage.config
         sw = recipe.where + (f" (stage {stage.name!r})" if stage.name else "")
         try:
+            # models under output.dir are written by earlier stages (later stages only)
+            produced = recipe.config.output.dir if stage is not recipe.stages[0] else None
             if not stage.chained:
-                _check_model(cfg.anchor, f"{sw}: anchor")
+                _check_model(cfg.anchor, f"{sw}: anchor", produced)
             for a in _as_list(_to_container(cfg.augment)):
-                _check_model(str(a), f"{sw}: augment")
+                _check_model(str(a), f"{sw}: augment", produced)
             if cfg.data.tokenizer and _looks_local(cfg.data.tokenizer):
                 if not Path(cfg.data.tokenizer).expanduser().exists():
                     raise RecipeError(f"{sw}: data.tokenizer {cfg.data.tokenizer!r} does not exist")
@@ -612,6 +635,16 @@ def _load_source(src: Any, text_field: str):
         records = datasets.load_dataset(path, spec.get("name"), data_dir=spec.get("data_dir"), split=split)
     else:
         records = load_records(path, split=split, text_field=text_field)
+    columns = {k: v for k, v in (spec.get("columns") or {}).items() if k != v}
+    if columns:
+        if hasattr(records, "rename_columns"):
+            clash = [v for v in columns.values() if v in records.column_names and v not in columns]
+            records = records.remove_columns(clash).rename_columns(columns)
+        else:
+            records = [
+                {columns.get(k, k): v for k, v in r.items() if k in columns or k not in columns.values()}
+                for r in records
+            ]
     limit = spec.get("max_records")
     if limit is not None:
         records = records.select(range(min(limit, len(records)))) if hasattr(records, "select") else records[:limit]
