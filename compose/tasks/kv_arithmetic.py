@@ -1,0 +1,249 @@
+"""Key-value arithmetic, the synthetic task of CALM (Bansal et al., arXiv 2401.02412, Table 1).
+
+An augmenting model m_A memorises a table ``key -> value``; an anchor m_B does
+arithmetic on numbers; neither can evaluate ``k17 + k3 =``. Their composition is
+trained on expressions over a fraction (20%) of the keys and evaluated on expressions
+over the *held-out* keys, which only m_A knows.
+
+Every key and every number is one token, so no tokenizer is needed (records are
+``{"input_ids", "labels"}``, what :meth:`compose.Composer.fit` takes as is):
+
+===========  ==========================================================
+ids          meaning
+===========  ==========================================================
+0, 1, 2      pad, bos, eos
+3, 4, 5      ``+``, ``-``, ``=``
+6 ...        the integers ``-(V-1) ... 2(V-1)`` (every possible answer)
+after those  the keys ``k0 ... k{K-1}``, each with a value in ``0 ... V-1``
+===========  ==========================================================
+
+Record kinds (each ends in ``= answer eos``; the loss is on ``answer eos`` only):
+
+* ``numeric``: ``a + b = c``, ``a - b = c`` and ``a = a`` over numbers (m_B's skill);
+* ``kv_arith``: ``k_i + k_j = v_i + v_j`` and ``k_i - k_j = v_i - v_j``;
+* ``kv_subst``: ``k_i = v_i`` (KV-substitution);
+* :meth:`KVArithmetic.memory_records`: m_A's training rows ``k v k v ...``, loss on the
+  values, so that m_A holds a key's value *at the key token* in any context.
+
+>>> task = KVArithmetic(num_keys=20, num_values=8)
+>>> rec = task.records("kv_arith", 1, keys="heldout", seed=0)[0]
+>>> task.decode(rec["input_ids"]).endswith("eos")
+True
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["KVArithmetic", "answer_accuracy", "memory_accuracy"]
+
+PAD, BOS, EOS, PLUS, MINUS, EQ = range(6)
+_OPS = {PLUS: "+", MINUS: "-", EQ: "="}
+_KINDS = ("numeric", "kv_arith", "kv_subst")
+
+
+@dataclass
+class KVArithmetic:
+    """The vocabulary, the key table and seeded generators of the task.
+
+    Attributes:
+        num_keys: how many keys m_A memorises.
+        num_values: values (and operands) are ``0 ... num_values - 1``.
+        train_fraction: fraction of the keys the composition is trained on (CALM: 20%).
+        seed: fixes the key -> value table and the train / held-out split.
+    """
+
+    num_keys: int = 512
+    num_values: int = 32
+    train_fraction: float = 0.2
+    seed: int = 0
+    values: list[int] = field(init=False, repr=False)
+    train_keys: list[int] = field(init=False, repr=False)
+    heldout_keys: list[int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.num_keys < 2 or self.num_values < 2:
+            raise ValueError("num_keys and num_values must be at least 2")
+        if not 0 < self.train_fraction < 1:
+            raise ValueError(f"train_fraction must be in (0, 1), got {self.train_fraction}")
+        rng = random.Random(self.seed)
+        self.values = [rng.randrange(self.num_values) for _ in range(self.num_keys)]
+        order = list(range(self.num_keys))
+        rng.shuffle(order)
+        n_train = max(1, round(self.train_fraction * self.num_keys))
+        self.train_keys = sorted(order[:n_train])
+        self.heldout_keys = sorted(order[n_train:])
+
+    # ------------------------------------------------------------------ vocabulary
+    @property
+    def min_number(self) -> int:
+        return -(self.num_values - 1)
+
+    @property
+    def max_number(self) -> int:
+        return 2 * (self.num_values - 1)
+
+    @property
+    def first_key_id(self) -> int:
+        return 6 + self.max_number - self.min_number + 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.first_key_id + self.num_keys
+
+    def number(self, n: int) -> int:
+        """Token id of the integer ``n``."""
+        if not self.min_number <= n <= self.max_number:
+            raise ValueError(f"{n} is outside the numbers {self.min_number} ... {self.max_number}")
+        return 6 + n - self.min_number
+
+    def key(self, i: int) -> int:
+        """Token id of key ``i``."""
+        return self.first_key_id + i
+
+    @property
+    def key_ids(self) -> list[int]:
+        return [self.key(i) for i in range(self.num_keys)]
+
+    def decode(self, ids) -> str:
+        out = []
+        for t in (int(x) for x in ids):
+            if t in (PAD, BOS, EOS):
+                out.append(("pad", "bos", "eos")[t])
+            elif t in _OPS:
+                out.append(_OPS[t])
+            elif t < self.first_key_id:
+                out.append(str(t - 6 + self.min_number))
+            else:
+                out.append(f"k{t - self.first_key_id}")
+        return " ".join(out)
+
+    # ------------------------------------------------------------------ data
+    def _keys(self, keys: str | list[int]) -> list[int]:
+        if isinstance(keys, str):
+            if keys not in ("train", "heldout", "all"):
+                raise ValueError(f"keys must be 'train', 'heldout', 'all' or a list, got {keys!r}")
+            return {"train": self.train_keys, "heldout": self.heldout_keys}.get(keys, list(range(self.num_keys)))
+        return list(keys)
+
+    def records(self, kind: str, n: int, *, keys: str | list[int] = "train", seed: int = 0) -> list[dict]:
+        """``n`` expressions of ``kind`` (``numeric``, ``kv_arith``, ``kv_subst``).
+
+        Each record has ``input_ids``, ``labels`` (loss on the answer and eos only) and
+        ``answer_pos``, the index of the answer token.
+        """
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")
+        rng = random.Random(f"{self.seed}/{kind}/{seed}")
+        pool = self._keys(keys)
+        V = self.num_values
+        out = []
+        for _ in range(n):
+            if kind == "kv_subst":
+                k = rng.choice(pool)
+                lhs, ans = [self.key(k)], self.values[k]
+            else:
+                op = PLUS if rng.random() < 0.5 else MINUS
+                if kind == "numeric":
+                    if rng.random() < 0.1:  # a = a: the anchor's KV-substitution skill
+                        a = rng.randrange(V)
+                        lhs, ans = [self.number(a)], a
+                        out.append(self._record(lhs, ans))
+                        continue
+                    a, b = rng.randrange(V), rng.randrange(V)
+                    ta, tb = self.number(a), self.number(b)
+                else:
+                    i, j = rng.choice(pool), rng.choice(pool)
+                    a, b = self.values[i], self.values[j]
+                    ta, tb = self.key(i), self.key(j)
+                lhs, ans = [ta, op, tb], a + b if op == PLUS else a - b
+            out.append(self._record(lhs, ans))
+        return out
+
+    def _record(self, lhs: list[int], answer: int) -> dict:
+        ids = [BOS, *lhs, EQ, self.number(answer), EOS]
+        labels = [-100] * (len(ids) - 2) + ids[-2:]
+        return {"input_ids": ids, "labels": labels, "answer_pos": len(ids) - 2}
+
+    def memory_records(self, n: int, *, pairs: int = 16, keys: str | list[int] = "all", seed: int = 0) -> list[dict]:
+        """m_A's training rows ``bos k v k v ...`` (random keys), loss on the values only."""
+        rng = random.Random(f"{self.seed}/memory/{seed}")
+        pool = self._keys(keys)
+        out = []
+        for _ in range(n):
+            ids, labels = [BOS], [-100]
+            for _ in range(pairs):
+                k = rng.choice(pool)
+                ids += [self.key(k), self.number(self.values[k])]
+                labels += [-100, self.number(self.values[k])]
+            out.append({"input_ids": ids, "labels": labels})
+        return out
+
+    @torch.no_grad()
+    def blind_to_keys_(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Give every key one shared input embedding, so ``model`` cannot tell keys apart.
+
+        The anchor never trains on keys; with one embedding for all of them (an
+        ``<unk>``), whatever it knows about a key can only come from the composition.
+        Rows that get no gradient stay equal under AdamW (equal decay, zero update).
+        """
+        emb = model.get_input_embeddings().weight
+        ids = torch.tensor(self.key_ids)
+        emb[ids] = emb[ids[0]].clone()
+        return model
+
+
+@torch.no_grad()
+def answer_accuracy(model: torch.nn.Module, records: list[dict], *, batch_size: int = 256) -> float:
+    """Exact match of the greedy answer token (the only answer token), in [0, 1].
+
+    The answer is one token, so greedy decoding's first new token after ``=`` is the
+    argmax of the logits at the ``=`` position; one batched forward pass computes it.
+    """
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            width = max(r["answer_pos"] for r in chunk)
+            ids = torch.full((len(chunk), width), PAD, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, rec in enumerate(chunk):
+                k = rec["answer_pos"]
+                ids[r, :k] = torch.tensor(rec["input_ids"][:k])
+                mask[r, :k] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            last = mask.sum(1) - 1
+            pred = logits[torch.arange(len(chunk)), last.to(device)].argmax(-1).cpu()
+            gold = torch.tensor([rec["input_ids"][rec["answer_pos"]] for rec in chunk])
+            correct += int((pred == gold).sum())
+    finally:
+        model.train(was_training)
+    return correct / max(1, len(records))
+
+
+@torch.no_grad()
+def memory_accuracy(model: torch.nn.Module, records: list[dict], *, batch_size: int = 256) -> float:
+    """Fraction of value tokens that ``model`` predicts exactly in :meth:`KVArithmetic.memory_records` rows."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            ids = torch.tensor([r["input_ids"] for r in chunk], device=device)
+            labels = torch.tensor([r["labels"] for r in chunk], device=device)
+            pred = model(input_ids=ids).logits[:, :-1].argmax(-1)
+            gold = labels[:, 1:]
+            keep = gold != -100
+            correct += int((pred[keep] == gold[keep]).sum())
+            total += int(keep.sum())
+    finally:
+        model.train(was_training)
+    return correct / max(1, total)

@@ -1,0 +1,82 @@
+"""The demo's data generators, and `python -m compose.demo --quick` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from compose.tasks import ByteCodec, KVArithmetic, answer_accuracy, code_corpus, english_corpus, split_docs
+
+
+def _ids_tail(task: KVArithmetic, rec: dict) -> tuple[list[int], int]:
+    ids = rec["input_ids"]
+    return ids[1 : rec["answer_pos"] - 1], ids[rec["answer_pos"]]
+
+
+def test_kv_records_are_correct():
+    task = KVArithmetic(num_keys=50, num_values=10, seed=3)
+    assert len(task.train_keys) == 10 and len(task.heldout_keys) == 40
+    assert not set(task.train_keys) & set(task.heldout_keys)
+    for rec in task.records("kv_arith", 200, keys="heldout", seed=1):
+        (a, op, b), ans = _ids_tail(task, rec)
+        ka, kb = a - task.first_key_id, b - task.first_key_id
+        assert ka in task.heldout_keys and kb in task.heldout_keys
+        va, vb = task.values[ka], task.values[kb]
+        assert ans == task.number(va + vb if op == 3 else va - vb)
+        assert rec["labels"][-2:] == rec["input_ids"][-2:] and set(rec["labels"][:-2]) == {-100}
+    for rec in task.records("kv_subst", 50, keys="train", seed=1):
+        (k,), ans = _ids_tail(task, rec)
+        assert ans == task.number(task.values[k - task.first_key_id])
+    for rec in task.records("numeric", 200, seed=1):
+        lhs, ans = _ids_tail(task, rec)
+        nums = [t - task.number(0) for t in lhs]
+        assert all(t < task.first_key_id for t in lhs)
+        if len(lhs) == 1:
+            assert ans == lhs[0]
+        else:
+            assert ans == task.number(nums[0] + nums[2] if lhs[1] == 3 else nums[0] - nums[2])
+    assert task.records("kv_arith", 5, seed=7) == task.records("kv_arith", 5, seed=7)
+    assert max(max(r["input_ids"]) for r in task.memory_records(20, keys="all")) < task.vocab_size
+
+
+def test_memory_rows_and_blind_anchor():
+    task = KVArithmetic(num_keys=30, num_values=6)
+    for rec in task.memory_records(10, pairs=5):
+        ids = rec["input_ids"]
+        for k, v in zip(ids[1::2], ids[2::2]):
+            assert v == task.number(task.values[k - task.first_key_id])
+        assert [lab for lab in rec["labels"] if lab != -100] == ids[2::2]
+    from compose.testing import tiny_model
+
+    model = task.blind_to_keys_(tiny_model("llama", vocab=task.vocab_size))
+    emb = model.get_input_embeddings().weight
+    assert torch.equal(emb[task.key(0)], emb[task.key(29)])
+    recs = task.records("kv_arith", 40, keys="heldout")
+    assert 0.0 <= answer_accuracy(model, recs) <= 1.0
+
+
+def test_corpora_are_deterministic_and_disjoint():
+    codec = ByteCodec()
+    assert codec.decode(codec.encode("déjà vu")) == "déjà vu"
+    english, code = english_corpus(20_000), code_corpus(20_000)
+    assert english == english_corpus(20_000)
+    assert sum(map(len, english)) >= 20_000 and sum(map(len, code)) >= 20_000
+    assert not any('"""' in d for d in code)  # docstrings stripped
+    train, held = split_docs(english, eval_every=3, max_eval_chars=500)
+    assert sum(map(len, held)) <= 500 and len(train) + len(held) == len(english)
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    from compose.demo import main
+
+    results = main(["--quick", "--out", str(tmp_path), "--threads", "2"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "forgetting.png").stat().st_size > 1000
+    assert (tmp_path / "kv_arithmetic.png").stat().st_size > 1000
+    methods = [r["method"] for r in saved["forgetting"]["rows"]]
+    assert methods[0].startswith("pretrained") and "full" in methods
+    assert any(m.startswith("block_expand") for m in methods)
+    tasks = {r["task"] for r in saved["kv_arithmetic"]["rows"]}
+    assert {"KV-arithmetic", "KV-substitution", "numeric arithmetic"} <= tasks
+    assert results["seconds"] > 0
