@@ -218,6 +218,21 @@ def _save_checkpoint(path: Path, model: nn.Module, optimizer, step: int, config:
         )
 
 
+def _save_sharded_checkpoint(accelerator, path: Path, step: int, config: TrainConfig, world: int) -> None:
+    """accelerate's collective save into a hidden folder, renamed by the main process once all wrote."""
+    import shutil
+
+    tmp = path.parent / f".{path.name}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / "trainer_state.json", {"step": step, "world_size": world, "config": config.to_dict()})
+        os.replace(tmp, path)
+
+
 def _load_checkpoint(path: Path, model: nn.Module, optimizer, config: TrainConfig, world: int) -> int:
     from safetensors.torch import load_file
 
@@ -410,10 +425,9 @@ def train(composer: Composer, train_data: Any, eval_data: Any, config: TrainConf
     set_seed(config.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
     main = accelerator.is_main_process
-    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        accelerator.print(
-            f"compose: {accelerator.distributed_type} checkpoints go through accelerate.save_state (full state)"
-        )
+    # FSDP / DeepSpeed shard parameters and optimizer state across processes: checkpoints then go
+    # through accelerate's collective save_state/load_state instead of compose's own small format.
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
     # Master copies of trainable tensors in fp32 even when the frozen base is bf16/fp16.
     for p in model.parameters():
@@ -437,7 +451,11 @@ def train(composer: Composer, train_data: Any, eval_data: Any, config: TrainConf
 
     step = 0
     if resume_from is not None:
-        step = _load_checkpoint(resume_from, accelerator.unwrap_model(wrapped), optimizer, config, world)
+        if sharded:
+            accelerator.load_state(str(resume_from))
+            step = int(read_json(resume_from / "trainer_state.json")["step"])
+        else:
+            step = _load_checkpoint(resume_from, accelerator.unwrap_model(wrapped), optimizer, config, world)
         if main and output_dir is not None:
             _truncate_metrics(output_dir / "metrics.jsonl", step)
         accelerator.print(f"compose: resumed from {resume_from} at step {step}/{config.max_steps}")
@@ -553,6 +571,11 @@ def train(composer: Composer, train_data: Any, eval_data: Any, config: TrainConf
     composer.model.eval()
     if output_dir is not None and config.save_final:
         accelerator.wait_for_everyone()
+        if sharded:
+            # Gather the full weights (collective), then write them from the main process.
+            full = accelerator.get_state_dict(wrapped)
+            if main:
+                composer.model.load_state_dict(full, strict=False, assign=True)
         if main:
             composer.save(output_dir / "final")
         accelerator.wait_for_everyone()
