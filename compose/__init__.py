@@ -6,6 +6,18 @@ Augment a frozen anchor model with block expansion (LLaMA Pro) or CALM compositi
 __version__ = "0.1.0"
 
 from .composer import Composer, load_model  # noqa: E402
+from .recipe import check_recipe, load_recipe, run_recipe  # noqa: E402
 from .strategies import STRATEGIES, Strategy, StrategyConfig, register  # noqa: E402
 
-__all__ = ["Composer", "load_model", "STRATEGIES", "Strategy", "StrategyConfig", "register", "__version__"]
+__all__ = [
+    "Composer",
+    "load_model",
+    "STRATEGIES",
+    "Strategy",
+    "StrategyConfig",
+    "register",
+    "load_recipe",
+    "check_recipe",
+    "run_recipe",
+    "__version__",
+]

@@ -263,7 +263,7 @@ class Composer:
         self.strategy_name = meta["strategy"]
         self.strategy = get_strategy(self.strategy_name)(make_config(self.strategy_name, meta["options"]))
         self.history = []
-        if self.strategy.loads_anchor_from_directory():
+        if self.strategy.saves_full_model:
             anchor_model, self.anchor_source = None, meta.get("anchor")
             augments, self.augment_sources = [], []
         else:

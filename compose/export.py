@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from .io import atomic_directory
+from .strategies import Strategy
 
 __all__ = ["export_plain"]
 
@@ -23,18 +24,11 @@ __all__ = ["export_plain"]
 def export_plain(composer, directory: str | os.PathLike, *, source_dir: str | os.PathLike | None = None) -> Path:
     """Write ``composer``'s model to ``directory`` as a checkpoint ``AutoModelForCausalLM`` loads."""
     strategy = composer.strategy
-    exporter = getattr(strategy, "export", None)
-    if exporter is None and not strategy.loads_anchor_from_directory():
-        raise ValueError(
-            f"strategy {composer.strategy_name!r} has no plain-checkpoint export: its model is not a single "
-            "transformers model (load it with Composer.load instead)"
-        )
+    if not strategy.saves_full_model and type(strategy).export is Strategy.export:
+        strategy.export(composer.model, directory)  # raises: nothing to export, nothing written
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
-        if exporter is not None:
-            exporter(composer.model, tmp)
-        else:
-            composer.model.save_pretrained(tmp, safe_serialization=True)
+        strategy.export(composer.model, tmp)
         if composer.tokenizer is not None:
             composer.tokenizer.save_pretrained(tmp)
         if source_dir is not None and (Path(source_dir) / "recipe.yaml").is_file():

@@ -51,6 +51,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from .strategies import STRATEGIES, get_strategy, make_config
+from .testing import tiny_tokenizer
 from .train import TrainConfig
 
 __all__ = [
@@ -356,9 +357,7 @@ def load_recipe(source: str | os.PathLike | dict, overrides: list[str] | tuple[s
 
 
 def _writes_full_model(strategy: str) -> bool:
-    cls = get_strategy(strategy)
-    # the answer does not depend on the options, so ask an instance built without them
-    return cls.__new__(cls).loads_anchor_from_directory()
+    return get_strategy(strategy).saves_full_model
 
 
 def _resolve_stages(recipe: Recipe, raw: dict, overrides: list[tuple[str, Any]]) -> list[Stage]:
@@ -570,29 +569,6 @@ def resolve_model(source: str, *, dtype: str | None = None):
 
         model = model.to(dtype=_as_dtype(dtype))
     return model
-
-
-# Characters of the tiny tokenizer: newline, space .. "z" (ids 4..95 of the 96-token tiny vocab).
-_TINY_CHARS = "\n" + "".join(chr(c) for c in range(32, 123))
-
-
-def tiny_tokenizer():
-    """A character-level tokenizer for the tiny stand-in models (vocab 96: pad, <s>, </s>, <unk>, characters)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from .testing import VOCAB
-
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + list(_TINY_CHARS))}
-    assert len(vocab) <= VOCAB
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
 
 
 def load_output(directory: str | os.PathLike, **kwargs: Any):

@@ -117,22 +117,26 @@ def tiny_model(family: str = "llama", seed: int = 0, **config_kwargs) -> PreTrai
     return model.eval()
 
 
-def tiny_tokenizer(vocab: int = VOCAB):
-    """A character-level ``PreTrainedTokenizerFast`` of ``vocab`` ids, built offline.
+# Characters of the tiny tokenizer: newline, then space .. "z" (ids 4..95 of the 96-token tiny vocab).
+_TINY_CHARS = "\n" + "".join(chr(c) for c in range(32, 123))
 
-    Ids 0-3 are ``<pad> <s> </s> <unk>``; the rest are printable ASCII characters from
-    the space upwards. It adds ``<s>`` in front of every text, like LLaMA's tokenizer.
+
+def tiny_tokenizer():
+    """A character-level ``PreTrainedTokenizerFast`` matching the tiny models' 96-token vocabulary.
+
+    Ids 0-3 are ``<pad> <s> </s> <unk>``, then newline and the printable characters from the
+    space to ``z``. Built offline; it puts ``<s>`` in front of every text, like LLaMA's.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    chars = [chr(c) for c in range(32, 32 + vocab - len(specials))]
-    table = {tok: i for i, tok in enumerate(specials + chars)}
+    table = {tok: i for i, tok in enumerate(specials + list(_TINY_CHARS))}
+    assert len(table) == VOCAB
     tok = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )

@@ -38,8 +38,11 @@ class Strategy(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type[StrategyConfig]]
-    #: how many augmenting models the strategy takes: 0 (none) or None (one or more).
+    #: whether the strategy needs augmenting model(s) (``calm``) or takes none.
     takes_augment: ClassVar[bool] = False
+    #: whether :meth:`save` writes the whole model as a plain transformers checkpoint, so that
+    #: :meth:`load` needs no anchor and the output can seed a later stage.
+    saves_full_model: ClassVar[bool] = False
 
     def __init__(self, config: StrategyConfig):
         if not isinstance(config, self.config_class):
@@ -74,9 +77,18 @@ class Strategy(ABC):
         ``anchor`` is ``None`` when the directory holds the full model (``block_expand``).
         """
 
-    def loads_anchor_from_directory(self) -> bool:
-        """True when :meth:`save` writes the whole model, so ``load`` needs no anchor."""
-        return False
+    def export(self, model: nn.Module, directory: Path) -> None:
+        """Write ``model`` as a plain transformers checkpoint (``compose export``).
+
+        Strategies that already hold a plain model save it; others override this (``lora``
+        merges its adapters) or cannot be exported (``calm``).
+        """
+        if not self.saves_full_model:
+            raise ValueError(
+                f"strategy {self.name!r} has no plain-checkpoint export: its model is not a single "
+                "transformers model (load it with Composer.load instead)"
+            )
+        model.save_pretrained(directory, safe_serialization=True)
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}

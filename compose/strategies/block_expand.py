@@ -116,6 +116,7 @@ def _identity_copy(model: PreTrainedModel, block: nn.Module) -> nn.Module:
 class BlockExpand(Strategy):
     name = "block_expand"
     config_class = BlockExpandConfig
+    saves_full_model = True
 
     def __init__(self, config: BlockExpandConfig):
         super().__init__(config)
@@ -176,9 +177,6 @@ class BlockExpand(Strategy):
     def save(self, model: nn.Module, directory: Path) -> dict[str, Any]:
         model.save_pretrained(directory, safe_serialization=True)
         return {"inserted": list(self.inserted)}
-
-    def loads_anchor_from_directory(self) -> bool:
-        return True
 
     def load(self, directory, state, anchor, augments) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto")

@@ -49,6 +49,7 @@ class FullConfig(StrategyConfig):
 class Full(Strategy):
     name = "full"
     config_class = FullConfig
+    saves_full_model = True
 
     def build(self, anchor: PreTrainedModel, augments: list[PreTrainedModel]) -> nn.Module:
         if augments:
@@ -68,13 +69,7 @@ class Full(Strategy):
         model.save_pretrained(directory, safe_serialization=True)
         return {}
 
-    def loads_anchor_from_directory(self) -> bool:
-        return True
-
     def load(self, directory, state, anchor, augments) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto")
         self._unfreeze(model)
         return model
-
-    def export(self, model: nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
