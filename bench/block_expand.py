@@ -30,11 +30,23 @@ import time
 
 SHAPES = {
     # ~60M parameters, LLaMA-shaped; 8 -> 10 blocks
-    "cpu": dict(hidden=512, ffn=1408, heads=8, kv_heads=4, layers=8, vocab=32000, new=2, batch=4, seq=256,
-                warmup=2, steps=6),
+    "cpu": dict(
+        hidden=512, ffn=1408, heads=8, kv_heads=4, layers=8, vocab=32000, new=2, batch=4, seq=256, warmup=2, steps=6
+    ),
     # LLaMA 1.1B (TinyLlama) shape; 24 -> 30 blocks as in the issue
-    "gpu": dict(hidden=2048, ffn=5632, heads=32, kv_heads=4, layers=24, vocab=32000, new=6, batch=8, seq=2048,
-                warmup=3, steps=10),
+    "gpu": dict(
+        hidden=2048,
+        ffn=5632,
+        heads=32,
+        kv_heads=4,
+        layers=24,
+        vocab=32000,
+        new=6,
+        batch=8,
+        seq=2048,
+        warmup=3,
+        steps=10,
+    ),
 }
 
 
@@ -42,10 +54,15 @@ def build_anchor(shape: dict):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
-                         num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"],
-                         num_hidden_layers=shape["layers"], vocab_size=shape["vocab"],
-                         max_position_embeddings=max(2048, shape["seq"]))
+    config = LlamaConfig(
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["ffn"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        num_hidden_layers=shape["layers"],
+        vocab_size=shape["vocab"],
+        max_position_embeddings=max(2048, shape["seq"]),
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config)
 
@@ -54,8 +71,10 @@ def batches(shape: dict, n: int):
     import torch
 
     g = torch.Generator().manual_seed(1)
-    return [{"input_ids": torch.randint(0, shape["vocab"], (shape["seq"],), generator=g).tolist()}
-            for _ in range(n * shape["batch"])]
+    return [
+        {"input_ids": torch.randint(0, shape["vocab"], (shape["seq"],), generator=g).tolist()}
+        for _ in range(n * shape["batch"])
+    ]
 
 
 def run_variant(variant: str, shape_name: str) -> dict:
@@ -75,12 +94,21 @@ def run_variant(variant: str, shape_name: str) -> dict:
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
-    fit = dict(max_steps=total, learning_rate=1e-4, batch_size=shape["batch"], seq_len=shape["seq"],
-               warmup_ratio=0.0, progress=False, callbacks=[stamp], log_every=total)
+    fit = dict(
+        max_steps=total,
+        learning_rate=1e-4,
+        batch_size=shape["batch"],
+        seq_len=shape["seq"],
+        warmup_ratio=0.0,
+        progress=False,
+        callbacks=[stamp],
+        log_every=total,
+    )
     if variant in ("compose", "compose_gc", "full"):
         dtype = "bfloat16" if cuda else None
-        strategy = dict(strategy="full") if variant == "full" else dict(strategy="block_expand",
-                                                                        num_blocks=shape["new"])
+        strategy = (
+            dict(strategy="full") if variant == "full" else dict(strategy="block_expand", num_blocks=shape["new"])
+        )
         if variant == "full":
             # full fine-tuning of the same expanded model: expand, then train everything
             expanded = Composer(anchor, strategy="block_expand", num_blocks=shape["new"], copy_model=False).model
@@ -114,9 +142,14 @@ def run_variant(variant: str, shape_name: str) -> dict:
     measured = stamps[shape["warmup"] :]
     seconds = stamps[-1] - stamps[shape["warmup"] - 1]
     tokens = len(measured) * shape["batch"] * shape["seq"]
-    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"variant": variant, "tokens_per_s": tokens / seconds, "peak_gib": peak / 2**30,
-            "trainable_params": trainable, "peak_kind": "cuda max allocated" if cuda else "process max RSS"}
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        "variant": variant,
+        "tokens_per_s": tokens / seconds,
+        "peak_gib": peak / 2**30,
+        "trainable_params": trainable,
+        "peak_kind": "cuda max allocated" if cuda else "process max RSS",
+    }
 
 
 def machine() -> str:
@@ -124,7 +157,9 @@ def machine() -> str:
 
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, {platform.processor() or 'cpu'} (torch {torch.__version__})"
+    return (
+        f"{os.cpu_count()}-core {platform.machine()} CPU, {platform.processor() or 'cpu'} (torch {torch.__version__})"
+    )
 
 
 def main() -> None:
@@ -149,13 +184,17 @@ def main() -> None:
         print(f"  {variant}: {results[-1]['tokens_per_s']:.0f} tok/s, {results[-1]['peak_gib']:.2f} GiB", flush=True)
     base = next(r for r in results if r["variant"] == "naive")
     shape = SHAPES[shape_name]
-    print(f"\nblock_expand fit, {machine()}; LLaMA shape hidden {shape['hidden']}, {shape['layers']} -> "
-          f"{shape['layers'] + shape['new']} blocks, batch {shape['batch']} x {shape['seq']}\n")
+    print(
+        f"\nblock_expand fit, {machine()}; LLaMA shape hidden {shape['hidden']}, {shape['layers']} -> "
+        f"{shape['layers'] + shape['new']} blocks, batch {shape['batch']} x {shape['seq']}\n"
+    )
     print("| variant | tokens/s | vs naive | peak memory (GiB) | vs naive | trainable params |")
     print("|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
-              f"{r['peak_gib']:.2f} | {r['peak_gib'] / base['peak_gib']:.2f}x | {r['trainable_params']:,} |")
+        print(
+            f"| {r['variant']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+            f"{r['peak_gib']:.2f} | {r['peak_gib'] / base['peak_gib']:.2f}x | {r['trainable_params']:,} |"
+        )
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
