@@ -391,27 +391,20 @@ def train(composer: Composer, train_data: Any, eval_data: Any, config: TrainConf
 
     pad_id = getattr(model_config, "pad_token_id", None)
     pad_id = pad_id if isinstance(pad_id, int) and pad_id >= 0 else 0
-    tok = composer.tokenizer
-    blocks = build_blocks(
-        train_data,
-        tok,
-        config.seq_len,
-        packing=config.packing,
-        mask_prompt=config.mask_prompt,
-        text_field=config.text_field,
-        pad_token_id=pad_id,
-    )
-    eval_blocks = None
-    if eval_data is not None:
-        eval_blocks = build_blocks(
-            eval_data,
-            tok,
+
+    def blocks_of(data: Any) -> TokenBlocks:
+        return build_blocks(
+            data,
+            composer.tokenizer,
             config.seq_len,
             packing=config.packing,
             mask_prompt=config.mask_prompt,
             text_field=config.text_field,
             pad_token_id=pad_id,
         )
+
+    blocks = blocks_of(train_data)
+    eval_blocks = blocks_of(eval_data) if eval_data is not None else None
 
     trackers = _trackers(config)
     accelerator = Accelerator(
