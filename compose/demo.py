@@ -43,20 +43,20 @@ __all__ = ["ForgettingConfig", "KVConfig", "run_forgetting", "run_kv", "main"]
 class ForgettingConfig:
     """Sizes and schedules of the block-expansion forgetting experiment."""
 
-    hidden: int = 128
+    hidden: int = 96
     layers: int = 4
     heads: int = 4
     seq_len: int = 128
     batch_size: int = 16
-    general_chars: int = 1_200_000
+    general_chars: int = 800_000
     """English characters read (docstrings); every 10th document is held out."""
-    code_chars: int = 700_000
+    code_chars: int = 500_000
     """Python code characters read; every 10th document is held out."""
-    eval_chars: int = 40_000
+    eval_chars: int = 30_000
     """Cap on each held-out set."""
-    pretrain_steps: int = 600
+    pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
-    adapt_steps: int = 150
+    adapt_steps: int = 80
     new_blocks: int = 2
     lora_r: int = 16
     lrs: dict[str, float] = field(
@@ -75,18 +75,23 @@ class KVConfig:
     num_values: int = 32
     aug_hidden: int = 64
     aug_layers: int = 2
+    aug_family: str = "llama"
+    """m_A's family (``llama`` or ``gpt2``, whose absolute position embeddings were tried as a
+    way for the position-free cross-attention to tell the two keys of ``k_i - k_j`` apart)."""
     anchor_hidden: int = 128
     anchor_layers: int = 4
     heads: int = 4
     aug_steps: int = 300
     aug_lr: float = 3e-3
-    anchor_steps: int = 600
+    anchor_steps: int = 800
     anchor_lr: float = 3e-3
-    calm_steps: int = 600
-    calm_lr: float = 3e-3
+    calm_steps: int = 800
+    calm_lr: float = 1e-2
     batch_size: int = 128
     connections: list = field(default_factory=lambda: [[1, 0]])
     calm_heads: int | None = None
+    calm_options: dict = field(default_factory=lambda: {"norm": True})
+    """More ``calm`` options (``norm``, ``gate``)."""
     numeric_mix: float = 0.3
     """Fraction of numeric (key-free) expressions mixed into the composition data."""
     eval_n: int = 1000
@@ -140,6 +145,26 @@ def _llama(vocab: int, hidden: int, layers: int, heads: int, positions: int, see
         pad_token_id=0,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+def _gpt2(vocab: int, hidden: int, layers: int, heads: int, positions: int, seed: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(cfg).eval()
 
 
 def _fit_options(steps: int, lr: float, batch_size: int, seq_len: int, seed: int, **kw: Any) -> dict[str, Any]:
@@ -304,24 +329,65 @@ def _plot_forgetting(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 # ============================================================================ 2. CALM
+def train_augment(cfg: KVConfig, task) -> tuple[Any, float]:
+    """m_A: trained on ``k v k v ...`` over *all* keys, so at a key token it holds that key's value."""
+    from . import Composer
+    from .tasks.kv_arithmetic import memory_accuracy
+
+    rows = task.memory_records(max(cfg.batch_size, 5000), pairs=16, keys="all", seed=1)
+    if cfg.aug_family == "gpt2":
+        aug = _gpt2(task.vocab_size, cfg.aug_hidden, cfg.aug_layers, cfg.heads, 64, cfg.seed + 1)
+    else:
+        aug = _llama(task.vocab_size, cfg.aug_hidden, cfg.aug_layers, cfg.heads, 64, cfg.seed + 1)
+    c = Composer(aug, strategy="full", copy_model=False)
+    c.fit(rows, **_fit_options(cfg.aug_steps, cfg.aug_lr, cfg.batch_size // 4, 33, cfg.seed, packing=False))
+    aug = c.model.requires_grad_(False)
+    return aug, memory_accuracy(aug, task.memory_records(200, pairs=16, keys="heldout", seed=2))
+
+
+def train_anchor(cfg: KVConfig, task) -> Any:
+    """m_B: arithmetic on numbers only, with one shared embedding for every key (it knows none)."""
+    from . import Composer
+
+    anchor = task.blind_to_keys_(
+        _llama(task.vocab_size, cfg.anchor_hidden, cfg.anchor_layers, cfg.heads, 64, cfg.seed + 2)
+    )
+    c = Composer(anchor, strategy="full", copy_model=False)
+    c.fit(
+        task.records("numeric", 20_000, seed=1),
+        **_fit_options(cfg.anchor_steps, cfg.anchor_lr, cfg.batch_size, 7, cfg.seed, packing=False),
+    )
+    return c.model.requires_grad_(False)
+
+
+def train_calm(cfg: KVConfig, task, anchor, aug):
+    """CALM on expressions over the training keys (20%), plus numeric ones to keep arithmetic."""
+    from . import Composer
+
+    n_rows = 20_000
+    n_num = int(cfg.numeric_mix * n_rows)
+    n_kv = n_rows - n_num
+    train = (
+        task.records("kv_arith", int(0.8 * n_kv), keys="train", seed=3)
+        + task.records("kv_subst", n_kv - int(0.8 * n_kv), keys="train", seed=4)
+        + task.records("numeric", n_num, seed=5)
+    )
+    calm = Composer(
+        anchor, aug, strategy="calm", connections=cfg.connections, num_heads=cfg.calm_heads, **cfg.calm_options
+    )
+    calm.fit(train, **_fit_options(cfg.calm_steps, cfg.calm_lr, cfg.batch_size, 7, cfg.seed, packing=False))
+    return calm
+
+
 def run_kv(cfg: KVConfig, out: Path) -> dict[str, Any]:
     """Train m_A (memory) and m_B (arithmetic) from scratch, compose them with CALM, score all three."""
-    from . import Composer
-    from .tasks.kv_arithmetic import KVArithmetic, answer_accuracy, memory_accuracy
+    from .tasks.kv_arithmetic import KVArithmetic, answer_accuracy
 
     t0 = time.perf_counter()
     task = KVArithmetic(num_keys=cfg.num_keys, num_values=cfg.num_values, seed=cfg.seed)
-    V = task.vocab_size
-    n_rows = max(4 * cfg.batch_size, 20_000)
 
-    # m_A: sees `k v k v ...` over *all* keys, so at a key token it holds that key's value.
     t = time.perf_counter()
-    mem_train = task.memory_records(n_rows // 4, pairs=16, keys="all", seed=1)
-    aug = _llama(V, cfg.aug_hidden, cfg.aug_layers, cfg.heads, 64, cfg.seed + 1)
-    c_aug = Composer(aug, strategy="full", copy_model=False)
-    c_aug.fit(mem_train, **_fit_options(cfg.aug_steps, cfg.aug_lr, cfg.batch_size // 4, 33, cfg.seed, packing=False))
-    aug = c_aug.model.requires_grad_(False)
-    mem_acc = memory_accuracy(aug, task.memory_records(200, pairs=16, keys="heldout", seed=2))
+    aug, mem_acc = train_augment(cfg, task)
     _log(
         f"[calm] m_A {cfg.aug_layers}x{cfg.aug_hidden} memorised {mem_acc:.1%} of values ({time.perf_counter() - t:.0f}s)"
     )
@@ -330,42 +396,25 @@ def run_kv(cfg: KVConfig, out: Path) -> dict[str, Any]:
         "[calm] linear probe of the value at the key token, held-out keys, by m_A layer: "
         + ", ".join(f"{k}: {v:.0%}" for k, v in probe.items())
     )
-
-    # m_B: arithmetic on numbers only; one shared embedding for every key (it knows none).
     t = time.perf_counter()
-    anchor = task.blind_to_keys_(_llama(V, cfg.anchor_hidden, cfg.anchor_layers, cfg.heads, 64, cfg.seed + 2))
-    c_anchor = Composer(anchor, strategy="full", copy_model=False)
-    c_anchor.fit(
-        task.records("numeric", n_rows, seed=1),
-        **_fit_options(cfg.anchor_steps, cfg.anchor_lr, cfg.batch_size, 7, cfg.seed, packing=False),
-    )
-    anchor = c_anchor.model.requires_grad_(False)
+    anchor = train_anchor(cfg, task)
     num_eval = task.records("numeric", cfg.eval_n, seed=99)
     _log(
         f"[calm] m_B {cfg.anchor_layers}x{cfg.anchor_hidden} numeric arithmetic "
         f"{answer_accuracy(anchor, num_eval):.1%} ({time.perf_counter() - t:.0f}s)"
     )
-
-    # CALM: expressions over the 20% training keys, plus numeric ones to keep arithmetic.
     t = time.perf_counter()
-    n_num = int(cfg.numeric_mix * n_rows)
-    n_kv = n_rows - n_num
-    train = (
-        task.records("kv_arith", int(0.8 * n_kv), keys="train", seed=3)
-        + task.records("kv_subst", n_kv - int(0.8 * n_kv), keys="train", seed=4)
-        + task.records("numeric", n_num, seed=5)
-    )
-    calm = Composer(anchor, aug, strategy="calm", connections=cfg.connections, num_heads=cfg.calm_heads)
+    calm = train_calm(cfg, task, anchor, aug)
     n_calm = _n_trainable(calm)
-    calm.fit(train, **_fit_options(cfg.calm_steps, cfg.calm_lr, cfg.batch_size, 7, cfg.seed, packing=False))
-    calm_seconds = time.perf_counter() - t
-    _log(f"[calm] composition ({n_calm:,} trainable parameters) trained in {calm_seconds:.0f}s")
+    _log(f"[calm] composition ({n_calm:,} trainable parameters) trained in {time.perf_counter() - t:.0f}s")
 
     evals = {
         "KV-substitution": task.records("kv_subst", cfg.eval_n, keys="heldout", seed=100),
         "numeric arithmetic": num_eval,
         "KV-arithmetic": task.records("kv_arith", cfg.eval_n, keys="heldout", seed=101),
         "KV-arithmetic (training keys)": task.records("kv_arith", cfg.eval_n, keys="train", seed=102),
+        "key first: k + n, k - n": task.records("kv_first", cfg.eval_n, keys="heldout", seed=103),
+        "key second: n + k, n - k": task.records("kv_second", cfg.eval_n, keys="heldout", seed=104),
     }
     models = {"m_A": aug, "m_B": anchor, "CALM": calm.model}
     rows = []
@@ -400,7 +449,7 @@ def run_kv(cfg: KVConfig, out: Path) -> dict[str, Any]:
             "values": cfg.num_values,
             "train_keys": len(task.train_keys),
             "heldout_keys": len(task.heldout_keys),
-            "vocab_size": V,
+            "vocab_size": task.vocab_size,
         },
         "seconds": time.perf_counter() - t0,
     }
@@ -410,7 +459,7 @@ def run_kv(cfg: KVConfig, out: Path) -> dict[str, Any]:
 def _probe(task, aug) -> dict[str, float]:
     """Ridge-regression probe: value one-hot from m_A's layer outputs at ``bos k``, held-out keys."""
     ids = torch.tensor([[1, k] for k in task.key_ids])
-    hs = aug.model(input_ids=ids, output_hidden_states=True).hidden_states
+    hs = aug.base_model(input_ids=ids, output_hidden_states=True).hidden_states
     values = torch.tensor(task.values)
     y = torch.nn.functional.one_hot(values, task.num_values).float()
     tr, ho = torch.tensor(task.train_keys), torch.tensor(task.heldout_keys)

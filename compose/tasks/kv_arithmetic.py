@@ -22,6 +22,8 @@ Record kinds (each ends in ``= answer eos``; the loss is on ``answer eos`` only)
 * ``numeric``: ``a + b = c``, ``a - b = c`` and ``a = a`` over numbers (m_B's skill);
 * ``kv_arith``: ``k_i + k_j = v_i + v_j`` and ``k_i - k_j = v_i - v_j``;
 * ``kv_subst``: ``k_i = v_i`` (KV-substitution);
+* ``kv_first`` / ``kv_second``: ``k_i op n`` / ``n op k_i``, one key, first or second
+  operand (diagnostics: which operand position the composition can fill in);
 * :meth:`KVArithmetic.memory_records`: m_A's training rows ``k v k v ...``, loss on the
   values, so that m_A holds a key's value *at the key token* in any context.
 
@@ -42,7 +44,7 @@ __all__ = ["KVArithmetic", "answer_accuracy", "memory_accuracy"]
 
 PAD, BOS, EOS, PLUS, MINUS, EQ = range(6)
 _OPS = {PLUS: "+", MINUS: "-", EQ: "="}
-_KINDS = ("numeric", "kv_arith", "kv_subst")
+_KINDS = ("numeric", "kv_arith", "kv_subst", "kv_first", "kv_second")
 
 
 @dataclass
@@ -155,10 +157,16 @@ class KVArithmetic:
                         continue
                     a, b = rng.randrange(V), rng.randrange(V)
                     ta, tb = self.number(a), self.number(b)
-                else:
+                elif kind == "kv_arith":
                     i, j = rng.choice(pool), rng.choice(pool)
                     a, b = self.values[i], self.values[j]
                     ta, tb = self.key(i), self.key(j)
+                else:
+                    i, n = rng.choice(pool), rng.randrange(V)
+                    if kind == "kv_first":
+                        a, b, ta, tb = self.values[i], n, self.key(i), self.number(n)
+                    else:
+                        a, b, ta, tb = n, self.values[i], self.number(n), self.key(i)
                 lhs, ans = [ta, op, tb], a + b if op == PLUS else a - b
             out.append(self._record(lhs, ans))
         return out
