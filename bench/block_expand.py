@@ -88,11 +88,17 @@ def run_variant(variant: str, shape_name: str) -> dict:
     data = batches(shape, total)
     anchor = build_anchor(shape)
     stamps: list[float] = []
+    rss0: list[int] = []  # resident memory when training starts (model and data built)
 
     def stamp(step, metrics):
         if cuda:
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
+
+    def start() -> None:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        rss0.append(_rss_bytes())
 
     fit = dict(
         max_steps=total,
@@ -116,8 +122,7 @@ def run_variant(variant: str, shape_name: str) -> dict:
         else:
             c = Composer(anchor, copy_model=False, dtype=dtype, **strategy)
         trainable = sum(p.numel() for p in c.trainable_parameters().values())
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+        start()
         c.fit(data, gradient_checkpointing=variant == "compose_gc", **fit)
     elif variant == "naive":
         model = Composer(anchor, strategy="block_expand", num_blocks=shape["new"], copy_model=False).model
@@ -126,8 +131,7 @@ def run_variant(variant: str, shape_name: str) -> dict:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
         ids = torch.tensor([d["input_ids"] for d in data])
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+        start()
         for step in range(total):
             x = ids[step * shape["batch"] : (step + 1) * shape["batch"]].to(device)
             with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=cuda):
@@ -188,6 +192,7 @@ def main() -> None:
         f"\nblock_expand fit, {machine()}; LLaMA shape hidden {shape['hidden']}, {shape['layers']} -> "
         f"{shape['layers'] + shape['new']} blocks, batch {shape['batch']} x {shape['seq']}\n"
     )
+    print(f"peak memory: {results[0]['peak_kind']}\n")
     print("| variant | tokens/s | vs naive | peak memory (GiB) | vs naive | trainable params |")
     print("|---|---|---|---|---|---|")
     for r in results:

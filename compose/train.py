@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from . import arch
 from .data import IGNORE, TokenBlocks, build_blocks, collate
@@ -82,6 +83,11 @@ class TrainConfig:
     """``auto``: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant, so frozen inputs work)."""
+    chunked_loss: bool = True
+    """Compute the LM-head loss in chunks, never holding the full tokens x vocab logits (plain models of
+    the supported families; others use the model's own loss)."""
+    loss_chunk_tokens: int = 4096
+    """Tokens per chunk of the chunked loss."""
     eval_every: int = 0
     """Evaluate every N steps (0: only at the end, when eval data is given)."""
     eval_batches: int | None = None
@@ -119,7 +125,14 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
-        for name in ("max_steps", "batch_size", "seq_len", "gradient_accumulation_steps", "keep_checkpoints"):
+        for name in (
+            "max_steps",
+            "batch_size",
+            "seq_len",
+            "gradient_accumulation_steps",
+            "keep_checkpoints",
+            "loss_chunk_tokens",
+        ):
             positive(name)
         for name in ("eval_every", "save_every", "log_every"):
             if getattr(self, name) < 0:
@@ -321,6 +334,59 @@ def _trackers(config: TrainConfig) -> list[str] | None:
     return [config.report_to] if isinstance(config.report_to, str) else list(config.report_to)
 
 
+def _ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+class ChunkedLoss:
+    """Next-token loss computed chunk by chunk from the final hidden states.
+
+    The model runs with its LM head swapped for an identity, so its "logits" are the final
+    hidden states ``[B, T, D]``; the head and the cross-entropy then run on ``chunk`` tokens
+    at a time under activation checkpointing, so at most ``chunk x vocab`` logits exist at
+    once (in the forward and in the backward), and positions labelled ``-100`` cost nothing.
+    Same value as the model's own mean loss over non-ignored tokens.
+    """
+
+    def __init__(self, model: nn.Module, chunk: int):
+        self.model, self.chunk = model, chunk
+        head = model.get_output_embeddings()
+        self.head_name = next(name for name, child in model.named_children() if child is head)
+        self.head = head
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """Only plain causal LMs whose logits are exactly ``head(final hidden state)``."""
+        if not isinstance(model, PreTrainedModel) or getattr(model.config, "model_type", None) not in arch.FAMILIES:
+            return False
+        config = model.config
+        if getattr(config, "final_logit_softcapping", None) is not None or getattr(
+            config, "output_router_logits", False
+        ):
+            return False
+        head = model.get_output_embeddings()
+        return head is not None and any(child is head for child in model.children())
+
+    def __call__(self, wrapped: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        setattr(self.model, self.head_name, nn.Identity())
+        try:
+            hidden = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        finally:
+            setattr(self.model, self.head_name, self.head)
+        targets = batch["labels"][:, 1:].reshape(-1)
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        keep = targets != IGNORE
+        hidden, targets = hidden[keep], targets[keep]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, targets.numel(), self.chunk):
+            total = total + checkpoint(
+                _ce_sum, self.head, hidden[i : i + self.chunk], targets[i : i + self.chunk], use_reentrant=False
+            )
+        return total / max(targets.numel(), 1)
+
+
 @torch.no_grad()
 def eval_loss_sums(
     model: nn.Module,
@@ -441,6 +507,11 @@ def train(composer: Composer, train_data: Any, eval_data: Any, config: TrainConf
         groups, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps, fused=fused or None
     )
     wrapped, optimizer = accelerator.prepare(model, optimizer)
+    chunked = (
+        ChunkedLoss(accelerator.unwrap_model(wrapped), config.loss_chunk_tokens)
+        if config.chunked_loss and not sharded and ChunkedLoss.supports(accelerator.unwrap_model(wrapped))
+        else None
+    )
 
     step = 0
     if resume_from is not None:
@@ -508,8 +579,8 @@ def train(composer: Composer, train_data: Any, eval_data: Any, config: TrainConf
             last = micro == config.gradient_accumulation_steps - 1
             ctx = accelerator.no_sync(wrapped) if (world > 1 and not last) else _nullcontext()
             with ctx, accelerator.autocast():
-                out = wrapped(**batch)
-                loss = out.loss / config.gradient_accumulation_steps
+                loss = chunked(wrapped, batch) if chunked is not None else wrapped(**batch).loss
+                loss = loss / config.gradient_accumulation_steps
             accelerator.backward(loss)
             loss_sum += float(loss.detach())
             tokens_seen += int(batch["attention_mask"].sum()) * world

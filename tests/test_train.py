@@ -168,3 +168,31 @@ def test_ddp_two_processes_matches_single(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=2e-4, msg=n)
     assert latest_checkpoint(tmp_path / "ddp").name == "step-0000004"
     assert Composer.load(tmp_path / "ddp" / "final").strategy.inserted == [2, 5]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma", "mixtral"])
+def test_chunked_loss_equals_model_loss(family):
+    """The chunked LM-head loss (default) gives the model's own loss and gradients."""
+    from compose.data import IGNORE
+    from compose.train import ChunkedLoss
+
+    model = Composer(tiny_model(family, seed=1), strategy="full").model.train()
+    assert ChunkedLoss.supports(model)
+    x = torch.randint(3, 96, (3, 20), generator=torch.Generator().manual_seed(0))
+    labels = x.clone()
+    labels[0, :7] = IGNORE
+    batch = {"input_ids": x, "labels": labels, "attention_mask": torch.ones_like(x)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = model(**batch).loss
+    got = ChunkedLoss(model, chunk=7)(model, batch)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # float summation order
+    assert model.get_output_embeddings() is not None  # head restored after the call
+
+
+def test_chunked_loss_not_used_where_logits_are_not_head_output():
+    from compose.train import ChunkedLoss
+
+    assert not ChunkedLoss.supports(tiny_model("gemma2"))  # final logit soft-capping
+    assert not ChunkedLoss.supports(torch.nn.Linear(2, 2))
