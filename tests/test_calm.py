@@ -336,3 +336,70 @@ def test_clear_errors():
 
     with pytest.raises(ValueError, match="augmenting model"):
         Calm(CalmConfig()).build(llama, [])
+
+
+# ---------------------------------------------------------------------------------------------- "input" target
+
+
+@pytest.mark.parametrize("pair", ["llama+gpt2", "gemma2+gpt_neox"])  # gemma2 scales its embeddings
+def test_input_connection_invariants(pair):
+    """A connection into the anchor's input (block 0's hidden_states): identity at init, causal, cached = full."""
+    c = _compose(pair, connections=[(1, "input"), (-1, 1)])
+    assert c.strategy.plan[0][2] == "input"
+    model = c.model
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model.anchor(ids).logits)
+    _perturb(model)
+    with torch.no_grad():
+        model.connections[1].o.weight.zero_()  # only the input connection acts
+        a = model(ids).logits
+        assert not torch.allclose(a, model.anchor(ids).logits, atol=1e-3)
+        changed = ids.clone()
+        changed[:, 7:] = _ids(2, 12, seed=5)[:, 7:]
+        b = model(changed).logits
+    assert torch.equal(a[:, :7], b[:, :7])
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+    _perturb(model)
+    prompt, mask = _left_pad([_ids(1, 7, seed=1)[0], _ids(1, 4, seed=2)[0]])
+    out = c.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert torch.equal(out, _greedy_by_full_forward(model, prompt, mask, 6))
+
+
+def test_input_connection_acts_before_block_zero_and_round_trips(tmp_path):
+    c = _compose("llama+gpt2", connections=[(0, "embed")], norm=True)
+    assert c.strategy.plan == [(0, 0, "input")]
+    model = c.model
+    _perturb(model)
+    seen = []
+    block0 = model.anchor.model.layers[0]
+    handle = block0.register_forward_pre_hook(lambda m, a, k: seen.append((a, k)), with_kwargs=True)
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        ref = model(ids).logits
+        emb = model.anchor.get_input_embeddings()(ids)
+    handle.remove()
+    hidden = seen[0][0][0] if seen[0][0] else seen[0][1]["hidden_states"]
+    assert not torch.allclose(hidden, emb)  # block 0 received the embeddings plus the connection
+    # the pre-hook accepts hidden_states passed positionally or by keyword
+    from compose.strategies.calm import _Context
+
+    k, v = model.connections[0].keys_values(torch.randn(1, 4, 32))
+    visible = torch.ones(4, 4, dtype=torch.bool).tril()[None]
+    x = torch.randn(1, 4, 48)
+    model._ctx = _Context([k], [v], [visible])
+    try:
+        (pos,), _ = model._anchor_input_hook(block0, (x,), {})
+        _, kw = model._anchor_input_hook(block0, (), {"hidden_states": x, "other": 1})
+    finally:
+        model._ctx = None
+    assert torch.equal(pos, kw["hidden_states"]) and kw["other"] == 1 and not torch.equal(pos, x)
+
+    out = c.save(tmp_path / "calm")
+    (fa, ka), (fb, kb) = PAIRS["llama+gpt2"]
+    loaded = Composer.load(out, anchor=tiny_model(fa, seed=0, **ka), augment=tiny_model(fb, seed=1, **kb))
+    assert loaded.strategy.plan == [(0, 0, "input")]
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, ref)
+    with pytest.raises(ValueError, match="connections must be"):
+        _compose("llama+gpt2", connections=[(0, "output")])

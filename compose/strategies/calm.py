@@ -6,7 +6,9 @@ connection ``(augment_layer i, anchor_layer j)`` a small trainable module
 * projects ``m_A``'s layer-``i`` output from ``D_A`` to ``D_B`` (``proj``),
 * cross-attends from ``m_B``'s layer-``j`` output (queries) to the projected states
   (keys / values), with ``m_B``'s head count by default,
-* and adds the result to ``m_B``'s residual stream right after layer ``j``.
+* and adds the result to ``m_B``'s residual stream right after layer ``j``, or, for the
+  anchor layer ``"input"``, to the input of ``m_B``'s first block (the token embeddings as
+  block 0 receives them), so that the injected vector lives in ``m_B``'s embedding space.
 
 The cross-attention's output projection starts at zero, so the composed model equals the
 anchor exactly until it is trained. Cross-attention is causal and position-aligned:
@@ -21,7 +23,8 @@ How it runs (see ``docs/calm.md`` for the why):
   catches. Layers above are never computed, and their KV cache is never written.
 * The anchor is the unmodified transformers model; forward hooks on the connected
   blocks add the cross-attention output. A hook handles blocks returning a tensor
-  (transformers 5) or a tuple (older). Called on its own (outside
+  (transformers 5) or a tuple (older). The ``"input"`` target is a forward *pre*-hook on
+  block 0 that rewrites its ``hidden_states`` argument (positional or keyword). Called on its own (outside
   :meth:`CalmModel.forward`) the anchor is the plain anchor.
 * Generation is our own decoding loop (:meth:`CalmModel.generate`, transformers
   semantics for greedy / sampling / eos / padding): the anchor and each augmenting model
@@ -74,9 +77,15 @@ __all__ = [
     "plan_connections",
     "check_same_vocabulary",
     "WEIGHTS_NAME",
+    "INPUT",
 ]
 
 WEIGHTS_NAME = "calm.safetensors"
+
+#: The anchor "layer" of a connection that feeds the input of the anchor's first block (its
+#: embedding output) instead of the output of a block. ``"embed"`` is accepted as a synonym.
+INPUT = "input"
+_INPUT_NAMES = ("input", "embed")
 
 #: A visibility function: ``(query_index [q], key_index [kv], key_mask [B, kv]) -> [B, q, kv]`` bool,
 #: True where an anchor query may attend to an augmenting key. Indices are token positions
@@ -107,7 +116,9 @@ class CalmConfig(StrategyConfig):
             evenly spaced anchor layers; the paper uses 4. Ignored where ``connections`` is given.
         connections: explicit ``[(augment_layer, anchor_layer), ...]`` for one augmenting
             model, or a list of such lists, one per augmenting model. Negative indices count
-            from the end.
+            from the end. ``anchor_layer`` may be ``"input"`` (or ``"embed"``): the connection
+            then adds to the input of the anchor's first block (the embedding output), with
+            the embeddings as queries, instead of to a block's output.
         num_heads: cross-attention heads; default the anchor's attention heads (as in the paper).
         norm: LayerNorm on the cross-attention queries and on the projected augmenting states
             (a stabiliser some re-implementations use; off in the paper).
@@ -141,16 +152,29 @@ class CalmConfig(StrategyConfig):
         }
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _is_pair(x: Any) -> bool:
     return (
-        isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+        isinstance(x, (list, tuple))
+        and len(x) == 2
+        and _is_int(x[0])
+        and (_is_int(x[1]) or (isinstance(x[1], str) and x[1].lower() in _INPUT_NAMES))
     )
+
+
+def _anchor_target(b: Any) -> int | str:
+    """An anchor layer index, or :data:`INPUT` for ``"input"`` / ``"embed"``."""
+    return INPUT if isinstance(b, str) else int(b)
 
 
 def _normalise_connections(connections: Any) -> list[list[list[int]]]:
     """One list of ``[augment_layer, anchor_layer]`` pairs per augmenting model."""
     bad = ValueError(
-        "connections must be [(augment_layer, anchor_layer), ...] or, for several augmenting models, "
+        "connections must be [(augment_layer, anchor_layer), ...] (anchor_layer an index or "
+        '"input" for the input of the first anchor block) or, for several augmenting models, '
         f"a list of such lists; got {connections!r}"
     )
     if not isinstance(connections, (list, tuple)) or not connections:
@@ -161,18 +185,23 @@ def _normalise_connections(connections: Any) -> list[list[list[int]]]:
         groups = list(connections)
     else:
         raise bad
-    return [[[int(a), int(b)] for a, b in group] for group in groups]
+    return [[[int(a), _anchor_target(b)] for a, b in group] for group in groups]
 
 
-def plan_connections(anchor_layers: int, augment_layers: list[int], config: CalmConfig) -> list[tuple[int, int, int]]:
+def plan_connections(
+    anchor_layers: int, augment_layers: list[int], config: CalmConfig
+) -> list[tuple[int, int, int | str]]:
     """``[(augment_index, augment_layer, anchor_layer), ...]`` with non-negative layer indices.
+
+    ``anchor_layer`` is :data:`INPUT` (``"input"``) for a connection into the input of the
+    anchor's first block.
 
     Default (the paper's): augmenting layers ``every-1, 2*every-1, ...``; the ``n`` anchor
     layers are spread evenly, connection ``k`` going after anchor layer
     ``ceil((k+1) * L_B / n) - 1`` so that the last one reads the last augmenting layer
     used into the anchor's last layer.
     """
-    plan: list[tuple[int, int, int]] = []
+    plan: list[tuple[int, int, int | str]] = []
     if config.connections is not None:
         if len(config.connections) != len(augment_layers):
             raise ValueError(
@@ -186,6 +215,9 @@ def plan_connections(anchor_layers: int, augment_layers: list[int], config: Calm
                         f"augmenting layer {a} of connection {(a, b)} is out of range: augmenting model {index} "
                         f"has {n_aug} layers (valid: 0..{n_aug - 1})"
                     )
+                if b == INPUT:
+                    plan.append((index, a % n_aug, INPUT))
+                    continue
                 if not -anchor_layers <= b < anchor_layers:
                     raise ValueError(
                         f"anchor layer {b} of connection {(a, b)} is out of range: the anchor has "
@@ -365,13 +397,13 @@ class CalmModel(nn.Module):
         self,
         anchor: PreTrainedModel,
         augments: list[PreTrainedModel],
-        plan: list[tuple[int, int, int]],
+        plan: list[tuple[int, int, int | str]],
         config: CalmConfig,
     ):
         super().__init__()
         self.anchor = anchor
         self.augments = nn.ModuleList(augments)
-        self.plan = [tuple(int(x) for x in p) for p in plan]
+        self.plan = [(int(a), int(la), _anchor_target(lb)) for a, la, lb in plan]
         self.calm_config = config
         self.visibility: list[Visibility] = [causal_visibility for _ in augments]
         d_anchor = arch.hidden_size(anchor)
@@ -391,8 +423,10 @@ class CalmModel(nn.Module):
         self._captured: list[dict[int, torch.Tensor]] | None = None
         self._gradient_checkpointing = False
         anchor_blocks = arch.get_blocks(anchor)
-        for layer in sorted({b for _, _, b in self.plan}):
+        for layer in sorted({b for _, _, b in self.plan if b != INPUT}):
             anchor_blocks[layer].register_forward_hook(functools.partial(self._anchor_hook, layer))
+        if any(b == INPUT for _, _, b in self.plan):
+            anchor_blocks[0].register_forward_pre_hook(self._anchor_input_hook, with_kwargs=True)
         for index, aug in enumerate(augments):
             used = sorted({a for i, a, _ in self.plan if i == index})
             blocks = arch.get_blocks(aug)
@@ -484,18 +518,38 @@ class CalmModel(nn.Module):
         if last:
             raise StopForward
 
-    def _anchor_hook(self, layer: int, module, args, output):
-        ctx = self._ctx
-        if ctx is None:  # the anchor called on its own: the plain anchor
-            return None
-        hidden = output[0] if isinstance(output, tuple) else output
+    def _delta(self, layer: int | str, hidden: torch.Tensor, ctx: _Context) -> torch.Tensor:
+        """Sum of the outputs of the connections into ``layer`` (an index or :data:`INPUT`)."""
         delta = None
         for c, (a, _, b) in enumerate(self.plan):
             if b == layer:
                 d = self.connections[c](hidden, ctx.keys[c], ctx.values[c], ctx.visible[a])
                 delta = d if delta is None else delta + d
-        hidden = hidden + delta
+        return delta
+
+    def _anchor_hook(self, layer: int, module, args, output):
+        ctx = self._ctx
+        if ctx is None:  # the anchor called on its own: the plain anchor
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden + self._delta(layer, hidden, ctx)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    def _anchor_input_hook(self, module, args, kwargs):
+        """Pre-hook on anchor block 0: add the ``"input"`` connections to its ``hidden_states``."""
+        ctx = self._ctx
+        if ctx is None:  # the anchor called on its own: the plain anchor
+            return None
+        if args:
+            hidden = args[0]
+            return (hidden + self._delta(INPUT, hidden, ctx), *args[1:]), kwargs
+        if "hidden_states" not in kwargs:
+            raise RuntimeError(
+                f"{type(module).__name__} was called without hidden_states; the CALM 'input' connection "
+                "cannot find the anchor's embedding output"
+            )
+        hidden = kwargs["hidden_states"]
+        return args, {**kwargs, "hidden_states": hidden + self._delta(INPUT, hidden, ctx)}
 
     # ------------------------------------------------------------------ forward
     def _augment_states(self, index, input_ids, attention_mask, position_ids, cache) -> dict[int, torch.Tensor]:
@@ -745,10 +799,10 @@ class Calm(Strategy):
                 )
         if "plan" in state:
             self._check_models(anchor, augments)
-            plan = [tuple(int(x) for x in p) for p in state["plan"]]
+            plan = [(int(a), int(la), INPUT if lb == INPUT else int(lb)) for a, la, lb in state["plan"]]
             n_anchor, n_augs = arch.num_layers(anchor), [arch.num_layers(a) for a in augments]
             for a, la, lb in plan:
-                if not (0 <= a < len(augments) and 0 <= la < n_augs[a] and 0 <= lb < n_anchor):
+                if not (0 <= a < len(augments) and 0 <= la < n_augs[a] and (lb == INPUT or 0 <= lb < n_anchor)):
                     raise ValueError(f"{directory}: connection {(a, la, lb)} does not fit the given models")
             self.plan = plan
             model = CalmModel(anchor, augments, plan, self.config)
