@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -146,14 +147,27 @@ def run_variant(variant: str, shape_name: str) -> dict:
     measured = stamps[shape["warmup"] :]
     seconds = stamps[-1] - stamps[shape["warmup"] - 1]
     tokens = len(measured) * shape["batch"] * shape["seq"]
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if cuda:
+        peak, kind = torch.cuda.max_memory_allocated(), "CUDA max allocated"
+    else:
+        # the process's high-water mark minus what it held when training started: the memory
+        # that training itself needs (activations, gradients, optimizer state), not imports
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0[0], "max RSS - RSS at start"
     return {
         "variant": variant,
         "tokens_per_s": tokens / seconds,
         "peak_gib": peak / 2**30,
         "trainable_params": trainable,
-        "peak_kind": "cuda max allocated" if cuda else "process max RSS",
+        "peak_kind": kind,
     }
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def machine() -> str:
@@ -171,28 +185,45 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="the LLaMA-1.1B shape (needs a CUDA GPU)")
     parser.add_argument("--variants", default="naive,compose,compose_gc,full")
     parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each variant (median reported)")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape_name = "gpu" if args.gpu else "cpu"
     if args._child:
         print(json.dumps(run_variant(args._child, shape_name)))
         return
+    variants = args.variants.split(",")
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    # Variants alternate round by round, and the median is reported, so that a change in the
+    # machine's load hits every variant alike.
+    for round_ in range(args.rounds):
+        for variant in variants:
+            cmd = [sys.executable, __file__, "--_child", variant] + (["--gpu"] if args.gpu else [])
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"variant {variant} failed")
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[variant].append(r)
+            print(f"  round {round_ + 1} {variant}: {r['tokens_per_s']:.0f} tok/s, {r['peak_gib']:.2f} GiB", flush=True)
     results = []
-    for variant in args.variants.split(","):
-        cmd = [sys.executable, __file__, "--_child", variant] + (["--gpu"] if args.gpu else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"variant {variant} failed")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(f"  {variant}: {results[-1]['tokens_per_s']:.0f} tok/s, {results[-1]['peak_gib']:.2f} GiB", flush=True)
+    for variant in variants:
+        rs = runs[variant]
+        results.append(
+            {
+                **rs[0],
+                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                "peak_gib": statistics.median(r["peak_gib"] for r in rs),
+                "rounds": [{"tokens_per_s": r["tokens_per_s"], "peak_gib": r["peak_gib"]} for r in rs],
+            }
+        )
     base = next(r for r in results if r["variant"] == "naive")
     shape = SHAPES[shape_name]
     print(
         f"\nblock_expand fit, {machine()}; LLaMA shape hidden {shape['hidden']}, {shape['layers']} -> "
         f"{shape['layers'] + shape['new']} blocks, batch {shape['batch']} x {shape['seq']}\n"
     )
-    print(f"peak memory: {results[0]['peak_kind']}\n")
+    print(f"peak memory: {results[0]['peak_kind']}; median of {args.rounds} rounds\n")
     print("| variant | tokens/s | vs naive | peak memory (GiB) | vs naive | trainable params |")
     print("|---|---|---|---|---|---|")
     for r in results:
