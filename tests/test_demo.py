@@ -67,6 +67,17 @@ def test_corpora_are_deterministic_and_disjoint():
     assert sum(map(len, held)) <= 500 and len(train) + len(held) == len(english)
 
 
+def test_code_split_keeps_modules_apart():
+    from compose.demo.forgetting import split_code
+
+    docs = [f"module{i} " * (20 + i) for i in range(60)]
+    pre, adapt, held = split_code(docs, eval_chars=500, pretrain_chars=800)
+    assert sum(map(len, held)) <= 500 and 700 < sum(map(len, pre)) <= 800
+    names = [{d.split()[0] for d in part} for part in (pre, adapt, held)]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert split_code(docs, eval_chars=500, pretrain_chars=0)[0] == []
+
+
 def test_quick_demo_end_to_end(tmp_path):
     from compose.demo import main
 
@@ -77,6 +88,8 @@ def test_quick_demo_end_to_end(tmp_path):
     methods = [r["method"] for r in saved["forgetting"]["rows"]]
     assert methods[0].startswith("pretrained") and "full" in methods
     assert any(m.startswith("block_expand") for m in methods)
+    settings = {r["data"] for r in saved["forgetting"]["rows"][1:]}
+    assert settings == {"code only", "code + 25% English replay"}
     tasks = {r["task"] for r in saved["kv_arithmetic"]["rows"]}
     assert {"KV-arithmetic", "KV-substitution", "numeric arithmetic"} <= tasks
     assert results["seconds"] > 0
