@@ -97,6 +97,11 @@ def run_variant(variant: str, shape_name: str) -> dict:
         stamps.append(time.perf_counter())
 
     def start() -> None:
+        # Import and set up accelerate first in every variant, so that the memory measured from
+        # here on is training's (activations, gradients, optimizer state), not module imports.
+        from accelerate import Accelerator
+
+        Accelerator(cpu=not cuda)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         rss0.append(_rss_bytes())
