@@ -30,15 +30,23 @@ class KVConfig:
     aug_lr: float = 3e-3
     anchor_steps: int = 800
     anchor_lr: float = 3e-3
-    calm_steps: int = 800
-    calm_lr: float = 1e-2
+    calm_steps: int = 1200
+    calm_lr: float = 3e-4
+    """Small: the ``"input"`` connection adds to token embeddings (std ~0.02); 1e-3 swamps them."""
     batch_size: int = 128
-    connections: list = field(default_factory=lambda: [[1, 0]])
+    connections: list = field(default_factory=lambda: [[1, "input"]])
+    """m_A's last layer into the input of m_B's first block: the injected vector must live in
+    m_B's embedding space, where ``emb(KEY) + f(h_A) ~= emb(v)`` lets m_B's own arithmetic run."""
     calm_heads: int | None = None
     calm_options: dict = field(default_factory=lambda: {"norm": True})
     """More ``calm`` options (``norm``, ``gate``)."""
-    numeric_mix: float = 0.3
-    """Fraction of numeric (key-free) expressions mixed into the composition data."""
+    calm_mix: dict = field(
+        default_factory=lambda: {"kv_arith": 0.3, "kv_first": 0.15, "kv_second": 0.15, "numeric": 0.4}
+    )
+    """Composition data: fraction of each record kind (keys always from the 20% training keys).
+    No ``kv_subst``: ``k = v`` can be solved by writing the answer at ``=`` (a shortcut that does
+    not transfer to arithmetic); one-key ``k op n`` / ``n op k`` rows cannot."""
+    calm_rows: int = 20_000
     eval_n: int = 1000
     seed: int = 0
 
@@ -92,14 +100,9 @@ def train_calm(cfg: KVConfig, task, anchor, aug):
     """CALM on expressions over the training keys (20%), plus numeric ones to keep arithmetic."""
     from .. import Composer
 
-    n_rows = 20_000
-    n_num = int(cfg.numeric_mix * n_rows)
-    n_kv = n_rows - n_num
-    train = (
-        task.records("kv_arith", int(0.8 * n_kv), keys="train", seed=3)
-        + task.records("kv_subst", n_kv - int(0.8 * n_kv), keys="train", seed=4)
-        + task.records("numeric", n_num, seed=5)
-    )
+    train = []
+    for seed, (kind, frac) in enumerate(cfg.calm_mix.items(), start=3):
+        train += task.records(kind, int(frac * cfg.calm_rows), keys="train", seed=seed)
     calm = Composer(
         anchor, aug, strategy="calm", connections=cfg.connections, num_heads=cfg.calm_heads, **cfg.calm_options
     )
