@@ -403,3 +403,98 @@ def test_input_connection_acts_before_block_zero_and_round_trips(tmp_path):
         assert torch.equal(loaded.model(ids).logits, ref)
     with pytest.raises(ValueError, match="connections must be"):
         _compose("llama+gpt2", connections=[(0, "output")])
+
+
+# ---------------------------------------------------------------------------------------------- window, null_kv, out_scale
+
+
+def test_windowed_visibility_is_causal_local_and_masks_padding():
+    from compose.strategies.calm import causal_visibility, windowed_visibility
+
+    q, k = torch.arange(2, 6), torch.arange(6)
+    key_mask = torch.tensor([[0, 1, 1, 1, 1, 1]])
+    assert windowed_visibility(None) is causal_visibility
+    vis = windowed_visibility(2)(q, k, key_mask)[0]
+    for i, t in enumerate(q.tolist()):
+        assert vis[i].nonzero().flatten().tolist() == [s for s in (t - 1, t) if s >= 1]
+    assert windowed_visibility(1)(q, k, key_mask)[0].sum(-1).tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("pair", ["llama+gpt2", "gemma2+gpt_neox"])
+@pytest.mark.parametrize("window", [1, 3])
+def test_window_and_null_kv_keep_the_invariants(pair, window):
+    """Identity at init, locality (a change of the augmenting input only reaches ``window`` positions),
+    padding, and cached generation == full forward, with a window and a null key/value."""
+    c = _compose(pair, connections=[(1, "input"), (-1, 1)], window=window, null_kv=True)
+    model = c.model
+    ids = _ids(2, 12)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model.anchor(ids).logits)
+    names = set(c.trainable_parameters())
+    assert {"connections.0.null_k", "connections.0.null_v"} <= names
+    _perturb(model)
+    # Locality, at the connection itself: changing the augmenting state at position t changes the
+    # connection's output at t .. t + window - 1 only (the models' own attention spreads it further).
+    conn = model.connections[0]
+    t, n = 5, 12
+    hidden = torch.randn(2, n, conn.q.in_features)
+    states = torch.randn(2, n, conn.proj.in_features)
+    moved = states.clone()
+    moved[:, t] += 1.0
+    visible = model.visibility[0](torch.arange(n), torch.arange(n), torch.ones(2, n, dtype=torch.long))
+    with torch.no_grad():
+        a = conn(hidden, *conn.keys_values(states), visible)
+        b = conn(hidden, *conn.keys_values(moved), visible)
+    changed = ((a - b).abs().amax(dim=(0, 2)) > 0).nonzero().flatten().tolist()
+    assert changed == list(range(t, min(n, t + window)))
+    _perturb(model, seed=1)
+    rows = [_ids(1, 9, seed=1)[0], _ids(1, 5, seed=2)[0]]
+    prompt, mask = _left_pad(rows)
+    with torch.no_grad():
+        batched = model(prompt, attention_mask=mask).logits
+        for i, r in enumerate(rows):
+            torch.testing.assert_close(batched[i, -len(r) :], model(r[None]).logits[0], atol=1e-4, rtol=1e-4)
+    out = c.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert torch.equal(out, _greedy_by_full_forward(model, prompt, mask, 6))
+
+
+def test_out_scale_default_measured_for_the_input_connection_and_saved(tmp_path):
+    from compose.strategies.calm import anchor_input_rms
+
+    c = _compose("gemma2+gpt_neox", connections=[(1, "input"), (-1, 1)], null_kv=True, window=2)
+    anchor = c.model.anchor
+    rms = anchor_input_rms(anchor)
+    with torch.no_grad():
+        emb = anchor.model.embed_tokens(torch.arange(96)[:, None])
+    weights = anchor.model.embed_tokens.weight
+    assert rms == pytest.approx(float(emb.pow(2).mean().sqrt()), rel=1e-4)
+    # gemma multiplies its embeddings by sqrt(hidden): the measured scale includes that, the weights do not
+    assert rms == pytest.approx(float(weights.pow(2).mean().sqrt()) * anchor.config.hidden_size**0.5, rel=1e-4)
+    assert [float(x.scale) for x in c.model.connections] == [pytest.approx(rms), 1.0]
+    _perturb(c.model)
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        ref = c.model(ids).logits
+        c.model.connections[0].scale.fill_(2 * rms)
+        assert not torch.allclose(c.model(ids).logits, ref)  # the scale does act
+        c.model.connections[0].scale.fill_(rms)
+    out = c.save(tmp_path / "calm")
+    (fa, ka), (fb, kb) = PAIRS["gemma2+gpt_neox"]
+    loaded = Composer.load(out, anchor=tiny_model(fa, seed=0, **ka), augment=tiny_model(fb, seed=1, **kb))
+    assert loaded.strategy.config.window == 2 and loaded.strategy.config.null_kv
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, ref)
+
+    fixed = _compose("llama+gpt2", connections=[(1, "input"), (-1, 1)], out_scale=0.5)
+    assert [float(x.scale) for x in fixed.model.connections] == [0.5, 0.5]
+    assert "scale" not in fixed.trainable_parameters()
+
+
+def test_window_null_kv_out_scale_errors():
+    llama, gpt2 = tiny_model("llama", hidden=48, heads=6), tiny_model("gpt2", seed=1)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="window"):
+            Composer(llama, gpt2, strategy="calm", every=2, window=bad)
+    for bad in (0, -0.1, "big", True):
+        with pytest.raises(ValueError, match="out_scale"):
+            Composer(llama, gpt2, strategy="calm", every=2, out_scale=bad)

@@ -73,7 +73,9 @@ __all__ = [
     "CalmCache",
     "CrossConnection",
     "StopForward",
+    "anchor_input_rms",
     "causal_visibility",
+    "windowed_visibility",
     "plan_connections",
     "check_same_vocabulary",
     "WEIGHTS_NAME",
@@ -103,8 +105,53 @@ def causal_visibility(query_index: torch.Tensor, key_index: torch.Tensor, key_ma
     return causal & key_mask.bool()[:, None, :]
 
 
+def windowed_visibility(window: int | None) -> Visibility:
+    """:func:`causal_visibility` limited to the last ``window`` positions (``t - window < s <= t``).
+
+    ``None`` is :func:`causal_visibility` itself. Positions are indices in the padded
+    sequence; left padding shifts queries and keys alike, so the window is unchanged.
+    """
+    if window is None:
+        return causal_visibility
+
+    def visibility(query_index: torch.Tensor, key_index: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        near = key_index[None, None, :] > query_index[None, :, None] - window
+        return causal_visibility(query_index, key_index, key_mask) & near
+
+    return visibility
+
+
 class StopForward(Exception):
     """Raised by a hook on an augmenting model's highest used layer to skip the layers above it."""
+
+
+@torch.no_grad()
+def anchor_input_rms(anchor: PreTrainedModel, max_tokens: int = 4096) -> float:
+    """RMS of what the anchor's first block receives, over (a spread sample of) its vocabulary.
+
+    Measured, not read off the embedding matrix, so that a family's embedding multiplier
+    (Gemma's ``sqrt(hidden)``) or added position embeddings (GPT-2) are included. Every
+    token is a one-token sequence at position 0; the blocks themselves never run.
+    """
+    vocab = anchor.get_input_embeddings().weight.shape[0]
+    device = next(anchor.parameters()).device
+    ids = torch.linspace(0, vocab - 1, min(vocab, max_tokens), device=device).long().unique()[:, None]
+    seen: list[torch.Tensor] = []
+
+    def capture(module, args, kwargs):
+        seen.append(args[0] if args else kwargs["hidden_states"])
+        raise StopForward
+
+    handle = arch.get_blocks(anchor)[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        anchor.base_model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError(f"{type(anchor).__name__}'s first block never ran; cannot measure its input scale")
+    return float(seen[0].float().pow(2).mean().sqrt())
 
 
 @dataclass
@@ -124,6 +171,18 @@ class CalmConfig(StrategyConfig):
             (a stabiliser some re-implementations use; off in the paper).
         gate: a tanh gate per connection, initialised at 0 (Flamingo style); the output
             projection is then randomly initialised instead of zeroed. Off by default.
+        window: anchor token ``t`` sees augmenting tokens ``t - window < s <= t`` only
+            (default ``None``: every ``s <= t``, as in the paper). ``1`` reads the aligned
+            token alone, which makes each connection a per-token map of the augmenting state.
+        null_kv: a learned "null" key/value slot every query can attend to, so that a query
+            can take nothing from the augmenting model (off in the paper). With ``window=1``
+            it turns the connection into a content gate: read the aligned token, or nothing.
+        out_scale: a fixed factor on every connection's output. ``None`` (default): 1 for a
+            connection into a block's output; for one into the anchor's ``"input"``, the RMS
+            of what block 0 receives (the anchor's embedding output, measured once when the
+            model is built), so that the output starts at the scale of the stream it is added
+            to. Without it, Adam's first steps at usual learning rates write vectors tens of
+            times larger than any token embedding.
     """
 
     every: int = 4
@@ -131,6 +190,9 @@ class CalmConfig(StrategyConfig):
     num_heads: int | None = None
     norm: bool = False
     gate: bool = False
+    window: int | None = None
+    null_kv: bool = False
+    out_scale: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
@@ -139,6 +201,12 @@ class CalmConfig(StrategyConfig):
             isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1
         ):
             raise ValueError(f"num_heads must be a positive integer or None, got {self.num_heads!r}")
+        if self.window is not None and (not _is_int(self.window) or self.window < 1):
+            raise ValueError(f"window must be a positive integer or None, got {self.window!r}")
+        if self.out_scale is not None and (
+            isinstance(self.out_scale, bool) or not isinstance(self.out_scale, (int, float)) or self.out_scale <= 0
+        ):
+            raise ValueError(f"out_scale must be a positive number or None, got {self.out_scale!r}")
         if self.connections is not None:
             self.connections = _normalise_connections(self.connections)
 
@@ -149,6 +217,9 @@ class CalmConfig(StrategyConfig):
             "num_heads": self.num_heads,
             "norm": self.norm,
             "gate": self.gate,
+            "window": self.window,
+            "null_kv": self.null_kv,
+            "out_scale": self.out_scale,
         }
 
 
@@ -285,9 +356,22 @@ class CrossConnection(nn.Module):
 
     ``o`` (the output projection) is zero-initialised, so the connection adds exactly 0
     until trained. With ``gate=True``, ``o`` is random and a tanh gate at 0 plays that role.
+    With ``null_kv=True`` every query also sees a learned key/value pair (``null_k``,
+    ``null_v``, one per head, initialised at 0) that stands for "nothing to read".
+    ``scale`` (a buffer, saved with the weights) multiplies the output.
     """
 
-    def __init__(self, d_augment: int, d_anchor: int, num_heads: int, *, norm: bool = False, gate: bool = False):
+    def __init__(
+        self,
+        d_augment: int,
+        d_anchor: int,
+        num_heads: int,
+        *,
+        norm: bool = False,
+        gate: bool = False,
+        null_kv: bool = False,
+        scale: float = 1.0,
+    ):
         super().__init__()
         if d_anchor % num_heads:
             raise ValueError(
@@ -303,6 +387,12 @@ class CrossConnection(nn.Module):
         self.k = nn.Linear(d_anchor, d_anchor, bias=False)
         self.v = nn.Linear(d_anchor, d_anchor, bias=False)
         self.o = nn.Linear(d_anchor, d_anchor, bias=False)
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        if null_kv:
+            self.null_k = nn.Parameter(torch.zeros(num_heads, 1, self.head_dim))
+            self.null_v = nn.Parameter(torch.zeros(num_heads, 1, self.head_dim))
+        else:
+            self.null_k = self.null_v = None
         if gate:
             self.gate = nn.Parameter(torch.zeros(1))
         else:
@@ -330,12 +420,17 @@ class CrossConnection(nn.Module):
         # token) would get NaN from softmax over nothing; let it see everything and zero its output.
         any_visible = visible.any(-1)
         mask = (visible | ~any_visible[..., None])[:, None]
+        if self.null_k is not None:
+            b = keys.shape[0]
+            keys = torch.cat([self.null_k.to(keys.dtype).expand(b, -1, -1, -1), keys], dim=2)
+            values = torch.cat([self.null_v.to(values.dtype).expand(b, -1, -1, -1), values], dim=2)
+            mask = F.pad(mask, (1, 0), value=True)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out * any_visible[:, None, :, None].to(out.dtype)
         out = self.o(out.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[1], -1))
         if self.gate is not None:
             out = torch.tanh(self.gate) * out
-        return out.to(hidden.dtype)
+        return (out * self.scale.to(out.dtype)).to(hidden.dtype)
 
 
 class CalmCache:
@@ -405,14 +500,25 @@ class CalmModel(nn.Module):
         self.augments = nn.ModuleList(augments)
         self.plan = [(int(a), int(la), _anchor_target(lb)) for a, la, lb in plan]
         self.calm_config = config
-        self.visibility: list[Visibility] = [causal_visibility for _ in augments]
+        self.visibility: list[Visibility] = [windowed_visibility(config.window) for _ in augments]
         d_anchor = arch.hidden_size(anchor)
         heads = config.num_heads or arch.num_attention_heads(anchor)
         param = next(anchor.parameters())
+        input_scale = None
+        if config.out_scale is None and any(b == INPUT for _, _, b in self.plan):
+            input_scale = anchor_input_rms(anchor)
         self.connections = nn.ModuleList(
             [
-                CrossConnection(arch.hidden_size(augments[a]), d_anchor, heads, norm=config.norm, gate=config.gate)
-                for a, _, _ in self.plan
+                CrossConnection(
+                    arch.hidden_size(augments[a]),
+                    d_anchor,
+                    heads,
+                    norm=config.norm,
+                    gate=config.gate,
+                    null_kv=config.null_kv,
+                    scale=config.out_scale or (input_scale if b == INPUT else 1.0),
+                )
+                for a, _, b in self.plan
             ]
         ).to(device=param.device, dtype=param.dtype)
 
