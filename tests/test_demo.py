@@ -89,7 +89,42 @@ def test_quick_demo_end_to_end(tmp_path):
     assert methods[0].startswith("pretrained") and "full" in methods
     assert any(m.startswith("block_expand") for m in methods)
     settings = {r["data"] for r in saved["forgetting"]["rows"][1:]}
-    assert settings == {"code only", "code + 25% English replay"}
+    assert settings == {"code only", "code + 40% English replay"}
     tasks = {r["task"] for r in saved["kv_arithmetic"]["rows"]}
     assert {"KV-arithmetic", "KV-substitution", "numeric arithmetic"} <= tasks
     assert results["seconds"] > 0
+
+
+def test_mix_operands_blends_only_operands_and_only_in_training():
+    import pytest
+
+    from compose.testing import tiny_model
+
+    task = KVArithmetic(num_keys=20, num_values=8)
+    model = tiny_model("llama", vocab=task.vocab_size)
+    emb = model.get_input_embeddings()
+    recs = task.records("numeric", 64, seed=0) + task.records("kv_arith", 16, keys="train", seed=0)
+    ids = torch.tensor([r["input_ids"] + [0] * (7 - len(r["input_ids"])) for r in recs])
+    plain = emb(ids).detach()
+    handle = task.mix_operands(model, p=1.0, max_weight=0.4)
+    try:
+        model.train()
+        torch.manual_seed(0)
+        mixed = emb(ids).detach()
+        moved = (mixed - plain).abs().amax(-1) > 0
+        before_eq = (ids == 5).long().cumsum(1) == 0
+        operand = (ids >= task.number(0)) & (ids <= task.number(task.num_values - 1)) & before_eq
+        assert not moved[~operand].any()  # keys, operators, "=", the answer and padding untouched
+        assert moved[operand].float().mean() > 0.9  # p=1: every operand blended (unless r == a or w ~ 0)
+        # a blend stays closer to its own operand than to any other number
+        table = emb.weight[task.number(0) : task.number(task.num_values - 1) + 1].detach()
+        nearest = torch.cdist(mixed[operand], table).argmin(-1) + task.number(0)
+        assert torch.equal(nearest, ids[operand])
+        model.eval()
+        assert torch.equal(emb(ids), plain)
+    finally:
+        handle.remove()
+    model.train()
+    assert torch.equal(emb(ids).detach(), plain)
+    with pytest.raises(ValueError, match="max_weight"):
+        task.mix_operands(model, p=0.5, max_weight=0.5)

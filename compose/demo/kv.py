@@ -28,18 +28,26 @@ class KVConfig:
     heads: int = 4
     aug_steps: int = 300
     aug_lr: float = 3e-3
-    anchor_steps: int = 800
+    anchor_steps: int = 1200
     anchor_lr: float = 3e-3
-    calm_steps: int = 1200
-    calm_lr: float = 3e-4
-    """Small: the ``"input"`` connection adds to token embeddings (std ~0.02); 1e-3 swamps them."""
+    operand_mix: tuple[float, float] | None = (0.3, 0.3)
+    """m_B trains on blended operands (probability, largest blend weight; ``KVArithmetic.mix_operands``)
+    so that its input space is smooth between numbers; ``None``: plain training (then the
+    composition cannot find its way into m_B's input, see docs/results.md)."""
+    calm_steps: int = 1600
+    calm_lr: float = 3e-3
     batch_size: int = 128
+    """m_B's batch (m_A's is a quarter of it)."""
+    calm_batch_size: int = 64
     connections: list = field(default_factory=lambda: [[1, "input"]])
     """m_A's last layer into the input of m_B's first block: the injected vector must live in
-    m_B's embedding space, where ``emb(KEY) + f(h_A) ~= emb(v)`` lets m_B's own arithmetic run."""
+    m_B's embedding space, where ``emb(KEY) + f(h_A) ~= emb(v)`` lets m_B's own arithmetic run.
+    Its output is scaled to m_B's embedding RMS (``out_scale`` default)."""
     calm_heads: int | None = None
-    calm_options: dict = field(default_factory=lambda: {"norm": True})
-    """More ``calm`` options (``norm``, ``gate``)."""
+    calm_options: dict = field(default_factory=lambda: {"norm": True, "window": 1, "null_kv": True})
+    """More ``calm`` options. ``window=1``: each m_B token reads only its own position in m_A (the
+    two keys of ``k_i - k_j`` are otherwise indistinguishable to the position-free cross-attention);
+    ``null_kv``: a query may read nothing, so number tokens are left alone."""
     calm_mix: dict = field(
         default_factory=lambda: {"kv_arith": 0.3, "kv_first": 0.15, "kv_second": 0.15, "numeric": 0.4}
     )
@@ -89,10 +97,15 @@ def train_anchor(cfg: KVConfig, task) -> Any:
         _llama(task.vocab_size, cfg.anchor_hidden, cfg.anchor_layers, cfg.heads, 64, cfg.seed + 2)
     )
     c = Composer(anchor, strategy="full", copy_model=False)
-    c.fit(
-        task.records("numeric", 20_000, seed=1),
-        **_fit_options(cfg.anchor_steps, cfg.anchor_lr, cfg.batch_size, 7, cfg.seed, packing=False),
-    )
+    handle = task.mix_operands(c.model, *cfg.operand_mix) if cfg.operand_mix else None
+    try:
+        c.fit(
+            task.records("numeric", 20_000, seed=1),
+            **_fit_options(cfg.anchor_steps, cfg.anchor_lr, cfg.batch_size, 7, cfg.seed, packing=False),
+        )
+    finally:
+        if handle is not None:
+            handle.remove()
     return c.model.requires_grad_(False)
 
 
@@ -106,7 +119,7 @@ def train_calm(cfg: KVConfig, task, anchor, aug):
     calm = Composer(
         anchor, aug, strategy="calm", connections=cfg.connections, num_heads=cfg.calm_heads, **cfg.calm_options
     )
-    calm.fit(train, **_fit_options(cfg.calm_steps, cfg.calm_lr, cfg.batch_size, 7, cfg.seed, packing=False))
+    calm.fit(train, **_fit_options(cfg.calm_steps, cfg.calm_lr, cfg.calm_batch_size, 7, cfg.seed, packing=False))
     return calm
 
 
