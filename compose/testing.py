@@ -43,14 +43,20 @@ def tiny_config(
     vocab: int = VOCAB,
     positions: int = 128,
     tie: bool | None = None,
+    ffn: int = 2,
+    bias: bool = True,
 ):
-    """A small config of ``family`` (a ``model_type``) with biases switched on where the family allows."""
+    """A small config of ``family`` (a ``model_type``), dropout off.
+
+    ``ffn``: MLP width as a multiple of ``hidden``. ``bias``: switch biases on where the
+    family makes them optional (Llama, Qwen3), so invariants are tested with biases.
+    """
     common = dict(
         vocab_size=vocab,
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        intermediate_size=2 * hidden,
+        intermediate_size=ffn * hidden,
         max_position_embeddings=positions,
         bos_token_id=1,
         eos_token_id=2,
@@ -58,13 +64,13 @@ def tiny_config(
     )
     llama_like = dict(common, num_key_value_heads=kv_heads)
     if family == "llama":
-        cfg = LlamaConfig(**llama_like, attention_bias=True, mlp_bias=True)
+        cfg = LlamaConfig(**llama_like, attention_bias=bias, mlp_bias=bias)
     elif family == "mistral":
         cfg = MistralConfig(**llama_like, sliding_window=None)
     elif family == "qwen2":
         cfg = Qwen2Config(**llama_like, use_sliding_window=False)
     elif family == "qwen3":
-        cfg = Qwen3Config(**llama_like, head_dim=hidden // heads, attention_bias=True)
+        cfg = Qwen3Config(**llama_like, head_dim=hidden // heads, attention_bias=bias)
     elif family == "gemma":
         cfg = GemmaConfig(**llama_like, head_dim=hidden // heads)
     elif family == "gemma2":
@@ -80,7 +86,7 @@ def tiny_config(
             n_layer=layers,
             n_head=heads,
             n_positions=positions,
-            n_inner=2 * hidden,
+            n_inner=ffn * hidden,
             bos_token_id=1,
             eos_token_id=2,
             pad_token_id=0,

@@ -81,7 +81,7 @@ def test_code_split_keeps_modules_apart():
 def test_quick_demo_end_to_end(tmp_path):
     from compose.demo import main
 
-    results = main(["--quick", "--out", str(tmp_path), "--threads", "2"])
+    results = main(["--quick", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "forgetting.png").stat().st_size > 1000
     assert (tmp_path / "kv_arithmetic.png").stat().st_size > 1000

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 from . import __doc__ as DEMO_DOC
 from .common import _log, _markdown
 from .forgetting import QUICK_FORGETTING, ForgettingConfig, run_forgetting
-from .kv import QUICK_KV, KVConfig, run_kv
+from .kv import QUICK_KV, KVConfig, run_kv, run_kv_in_process
 
 
 # ============================================================================ main
@@ -26,14 +28,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="~1 minute smoke run: tiny models, few steps")
     p.add_argument("--only", choices=["calm", "block_expand"], help="run one experiment only")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per process (default: 1 when both experiments run side by side, else torch's choice)",
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="run the two experiments one after the other in this process (default with 2+ CPUs: side by side, "
+        "the CALM one in a second process; their models are too small for one experiment to keep two cores busy)",
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    side_by_side = args.only is None and not args.sequential and (os.cpu_count() or 1) >= 2
+    threads = args.threads or (1 if side_by_side else None)
+    if threads:
+        torch.set_num_threads(threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -44,17 +59,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "cpu_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "platform": platform.platform(),
+            "side_by_side": side_by_side,
         },
         "quick": args.quick,
     }
-    if args.only in (None, "block_expand"):
-        cfg = replace(QUICK_FORGETTING) if args.quick else ForgettingConfig()
-        results["forgetting"] = run_forgetting(cfg, out)
+    f_cfg = replace(QUICK_FORGETTING) if args.quick else ForgettingConfig()
+    kv_cfg = replace(QUICK_KV) if args.quick else KVConfig()
+    if side_by_side:
+        # CALM in a second (spawned) process, block expansion here; each logs with its own prefix.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            kv_future = pool.submit(run_kv_in_process, kv_cfg, out, threads)
+            results["forgetting"] = run_forgetting(f_cfg, out)
+            results["kv_arithmetic"] = kv_future.result()
+    else:
+        if args.only in (None, "block_expand"):
+            results["forgetting"] = run_forgetting(f_cfg, out)
+        if args.only in (None, "calm"):
+            results["kv_arithmetic"] = run_kv(kv_cfg, out)
+    if "forgetting" in results:
         _log("\nBlock expansion vs fine-tuning (held-out perplexities; byte level)\n")
         _log(_markdown(results["forgetting"]["rows"]))
-    if args.only in (None, "calm"):
-        cfg = replace(QUICK_KV) if args.quick else KVConfig()
-        results["kv_arithmetic"] = run_kv(cfg, out)
+    if "kv_arithmetic" in results:
         _log("\nCALM key-value arithmetic (exact match %, held-out keys)\n")
         _log(_markdown(results["kv_arithmetic"]["rows"], digits=1))
     results["seconds"] = time.perf_counter() - t0

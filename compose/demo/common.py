@@ -12,44 +12,26 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _llama(vocab: int, hidden: int, layers: int, heads: int, positions: int, seed: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _scratch_model(family: str, vocab: int, hidden: int, layers: int, heads: int, positions: int, seed: int):
+    """A freshly initialised model to train from scratch (transformers' own init, MLP 4x hidden, no biases)."""
+    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        intermediate_size=4 * hidden,
-        max_position_embeddings=positions,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+    from ..testing import tiny_config
+
+    cfg = tiny_config(
+        family,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=heads,
+        vocab=vocab,
+        positions=positions,
+        tie=False if family == "llama" else None,
+        ffn=4,
+        bias=False,
     )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def _gpt2(vocab: int, hidden: int, layers: int, heads: int, positions: int, seed: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=vocab,
-        n_embd=hidden,
-        n_layer=layers,
-        n_head=heads,
-        n_positions=positions,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(cfg).eval()
+    return AutoModelForCausalLM.from_config(cfg).eval()
 
 
 def _fit_options(steps: int, lr: float, batch_size: int, seq_len: int, seed: int, **kw: Any) -> dict[str, Any]:

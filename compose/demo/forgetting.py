@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import _fit_options, _llama, _log, _n_trainable, _pyplot
+from .common import _fit_options, _log, _n_trainable, _pyplot, _scratch_model
 
 
 @dataclass
@@ -126,7 +126,7 @@ def run_forgetting(cfg: ForgettingConfig, out: Path) -> dict[str, Any]:
     def evaluate(c) -> dict[str, float]:
         return {name: c.evaluate(data, seq_len=cfg.seq_len, batch_size=32)["perplexity"] for name, data in sets.items()}
 
-    base = _llama(codec.vocab_size, cfg.hidden, cfg.layers, cfg.heads, cfg.seq_len, cfg.seed)
+    base = _scratch_model("llama", codec.vocab_size, cfg.hidden, cfg.layers, cfg.heads, cfg.seq_len, cfg.seed)
     pre = Composer(base, strategy="full", copy_model=False)
     t = time.perf_counter()
     pre.fit(

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .common import _fit_options, _gpt2, _llama, _log, _n_trainable, _pyplot
+from .common import _fit_options, _log, _n_trainable, _pyplot, _scratch_model
 
 
 @dataclass
@@ -34,7 +34,7 @@ class KVConfig:
     """m_B trains on blended operands (probability, largest blend weight; ``KVArithmetic.mix_operands``)
     so that its input space is smooth between numbers; ``None``: plain training (then the
     composition cannot find its way into m_B's input, see docs/results.md)."""
-    calm_steps: int = 1600
+    calm_steps: int = 2000
     calm_lr: float = 3e-3
     batch_size: int = 128
     """m_B's batch (m_A's is a quarter of it)."""
@@ -80,9 +80,9 @@ def train_augment(cfg: KVConfig, task) -> tuple[Any, float]:
 
     rows = task.memory_records(max(cfg.batch_size, 5000), pairs=16, keys="all", seed=1)
     if cfg.aug_family == "gpt2":
-        aug = _gpt2(task.vocab_size, cfg.aug_hidden, cfg.aug_layers, cfg.heads, 64, cfg.seed + 1)
+        aug = _scratch_model("gpt2", task.vocab_size, cfg.aug_hidden, cfg.aug_layers, cfg.heads, 64, cfg.seed + 1)
     else:
-        aug = _llama(task.vocab_size, cfg.aug_hidden, cfg.aug_layers, cfg.heads, 64, cfg.seed + 1)
+        aug = _scratch_model("llama", task.vocab_size, cfg.aug_hidden, cfg.aug_layers, cfg.heads, 64, cfg.seed + 1)
     c = Composer(aug, strategy="full", copy_model=False)
     c.fit(rows, **_fit_options(cfg.aug_steps, cfg.aug_lr, cfg.batch_size // 4, 33, cfg.seed, packing=False))
     aug = c.model.requires_grad_(False)
@@ -94,7 +94,7 @@ def train_anchor(cfg: KVConfig, task) -> Any:
     from .. import Composer
 
     anchor = task.blind_to_keys_(
-        _llama(task.vocab_size, cfg.anchor_hidden, cfg.anchor_layers, cfg.heads, 64, cfg.seed + 2)
+        _scratch_model("llama", task.vocab_size, cfg.anchor_hidden, cfg.anchor_layers, cfg.heads, 64, cfg.seed + 2)
     )
     c = Composer(anchor, strategy="full", copy_model=False)
     handle = task.mix_operands(c.model, *cfg.operand_mix) if cfg.operand_mix else None
@@ -121,6 +121,12 @@ def train_calm(cfg: KVConfig, task, anchor, aug):
     )
     calm.fit(train, **_fit_options(cfg.calm_steps, cfg.calm_lr, cfg.calm_batch_size, 7, cfg.seed, packing=False))
     return calm
+
+
+def run_kv_in_process(cfg: KVConfig, out: Path, threads: int) -> dict[str, Any]:
+    """:func:`run_kv` with ``threads`` torch threads (the entry point of the demo's second process)."""
+    torch.set_num_threads(threads)
+    return run_kv(cfg, out)
 
 
 def run_kv(cfg: KVConfig, out: Path) -> dict[str, Any]:
