@@ -233,7 +233,7 @@ def _plot_kv(rows: list[dict[str, Any]], path: Path) -> None:
         ys = [r[label] for r in rows]
         bars = ax.bar(xs, ys, width, label=label, color=colors[label])
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(range(len(rows)), [r["task"] for r in rows], fontsize=8)
+    ax.set_xticks(range(len(rows)), [r["task"] for r in rows], fontsize=8, rotation=15, ha="right")
     ax.set_ylabel("exact match (%)")
     ax.set_ylim(0, 105)
     ax.legend()
