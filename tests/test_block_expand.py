@@ -205,8 +205,11 @@ def test_gradient_accumulation_equals_large_batch(random_ids):
         c = Composer(tiny_model("llama", seed=10), strategy="block_expand", num_blocks=1)
         c.fit(random_ids(8, 16), **{**FIT, "batch_size": bs}, gradient_accumulation_steps=acc)
         runs.append(snapshot(c.model))
+    # Float summation order differs between the two; Adam's per-parameter normalisation magnifies
+    # that on parameters whose gradients are near zero (seen: 2.5e-6 on one bias element with
+    # transformers 5.23). A wrong loss scale or mean moves the weights by far more than 1e-5.
     for k in runs[0]:
-        torch.testing.assert_close(runs[0][k], runs[1][k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(runs[0][k], runs[1][k], rtol=1e-4, atol=1e-5)
 
 
 def test_copy_false_hands_the_object_over():
