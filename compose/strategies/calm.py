@@ -181,8 +181,8 @@ class CalmConfig(StrategyConfig):
             connection into a block's output; for one into the anchor's ``"input"``, the RMS
             of what block 0 receives (the anchor's embedding output, measured once when the
             model is built), so that the output starts at the scale of the stream it is added
-            to. Without it, Adam's first steps at usual learning rates write vectors tens of
-            times larger than any token embedding.
+            to. Without it, Adam's first steps at usual learning rates write vectors several
+            times larger than the token embeddings they are added to (docs/results.md).
     """
 
     every: int = 4
