@@ -79,10 +79,7 @@ def train_augment(cfg: KVConfig, task) -> tuple[Any, float]:
     from ..tasks.kv_arithmetic import memory_accuracy
 
     rows = task.memory_records(max(cfg.batch_size, 5000), pairs=16, keys="all", seed=1)
-    if cfg.aug_family == "gpt2":
-        aug = _scratch_model("gpt2", task.vocab_size, cfg.aug_hidden, cfg.aug_layers, cfg.heads, 64, cfg.seed + 1)
-    else:
-        aug = _scratch_model("llama", task.vocab_size, cfg.aug_hidden, cfg.aug_layers, cfg.heads, 64, cfg.seed + 1)
+    aug = _scratch_model(cfg.aug_family, task.vocab_size, cfg.aug_hidden, cfg.aug_layers, cfg.heads, 64, cfg.seed + 1)
     c = Composer(aug, strategy="full", copy_model=False)
     c.fit(rows, **_fit_options(cfg.aug_steps, cfg.aug_lr, cfg.batch_size // 4, 33, cfg.seed, packing=False))
     aug = c.model.requires_grad_(False)
