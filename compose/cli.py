@@ -92,18 +92,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="perplexity (and exact match) of a saved model",
-        description="Evaluate a directory written by Composer.save (or `compose train`).",
+        help="perplexity, exact match and lm-evaluation-harness tasks on a saved model",
+        description="Evaluate a directory written by Composer.save (or `compose train`): perplexity sets (--data), "
+        "prompt/answer generation (--exact-match) and lm-evaluation-harness tasks (--lm-eval). Give at least one.",
     )
     p.add_argument("dir", help="a directory with compose.json")
     p.add_argument(
         "--data",
         action="append",
-        required=True,
+        default=[],
         metavar="[NAME=]SOURCE",
         help="a perplexity set: a .txt/.jsonl/.parquet file or a hub dataset name; repeat for several",
     )
     p.add_argument("--exact-match", action="append", default=[], metavar="[NAME=]FILE", help="prompt/answer records")
+    p.add_argument(
+        "--lm-eval",
+        action="append",
+        default=[],
+        metavar="TASK[,TASK]",
+        help="lm-evaluation-harness tasks or groups (gsm8k, mmlu, ...); repeat or separate with commas",
+    )
+    p.add_argument("--num-fewshot", type=int, default=None, help="--lm-eval: examples per prompt (default: the task's)")
+    p.add_argument(
+        "--limit",
+        type=float,
+        default=None,
+        help="--lm-eval: at most this many documents per task (below 1: a fraction); for quick checks only",
+    )
+    p.add_argument(
+        "--include-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="--lm-eval: a folder with task YAML files of your own; repeat for several",
+    )
     p.add_argument("--seq-len", type=int, default=None, help="tokens per block (default: min(1024, model limit))")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="cap on batches per set")
@@ -181,24 +203,44 @@ def _cmd_eval(args) -> int:
     from .evaluate import exact_match, perplexity_report
     from .recipe import load_output
 
+    if not (args.data or args.exact_match or args.lm_eval):
+        raise ValueError("nothing to evaluate: give --data, --exact-match or --lm-eval (see compose eval --help)")
     composer = load_output(args.dir)
-    results: dict[str, Any] = {
-        "perplexity": perplexity_report(
+    results: dict[str, Any] = {}
+    if args.data:
+        results["perplexity"] = perplexity_report(
             composer,
             _named(args.data, "set"),
             batch_size=args.batch_size,
             seq_len=args.seq_len,
             max_batches=args.max_batches,
         )
-    }
-    for name, rep in results["perplexity"].items():
-        _print(f"{name}: perplexity {rep['perplexity']:.4f}  loss {rep['loss']:.4f}  ({rep['tokens']} tokens)")
+        for name, rep in results["perplexity"].items():
+            _print(f"{name}: perplexity {rep['perplexity']:.4f}  loss {rep['loss']:.4f}  ({rep['tokens']} tokens)")
     if args.exact_match:
         results["exact_match"] = {}
         for name, src in _named(args.exact_match, "task").items():
             rep = exact_match(composer, src, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
             results["exact_match"][name] = {k: v for k, v in rep.items() if k != "predictions"}
             _print(f"{name}: exact match {rep['accuracy']:.4f} ({rep['correct']}/{rep['total']})")
+    if args.lm_eval:
+        from .harness import lm_eval
+
+        limit = args.limit
+        if limit is not None and limit <= 0:
+            raise ValueError(f"--limit must be > 0, got {limit:g}")
+        scores = lm_eval(
+            composer,
+            tasks=[t for item in args.lm_eval for t in item.split(",")],
+            num_fewshot=args.num_fewshot,
+            limit=None if limit is None else int(limit) if limit >= 1 else limit,
+            batch_size=args.batch_size,
+            include_path=args.include_path or None,
+        )
+        results["lm_eval"] = dict(scores)
+        for task, metrics in scores.items():
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("_stderr"))
+            _print(f"{task}: {shown}")
     if args.json:
         from .recipe import _is_main_process
 
