@@ -126,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="--lm-eval: a folder with task YAML files of your own; repeat for several",
     )
+    p.add_argument(
+        "--confirm-run-unsafe-code",
+        action="store_true",
+        help="--lm-eval: allow tasks that execute generated code (humaneval, mbpp; also set HF_ALLOW_CODE_EVAL=1)",
+    )
     p.add_argument("--seq-len", type=int, default=None, help="tokens per block (default: min(1024, model limit))")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None, help="cap on batches per set")
@@ -236,6 +241,7 @@ def _cmd_eval(args) -> int:
             limit=None if limit is None else int(limit) if limit >= 1 else limit,
             batch_size=args.batch_size,
             include_path=args.include_path or None,
+            confirm_run_unsafe_code=args.confirm_run_unsafe_code,
         )
         results["lm_eval"] = dict(scores)
         for task, metrics in scores.items():

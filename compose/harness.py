@@ -160,6 +160,7 @@ def lm_eval(
     batch_size: int = 1,
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     device: str | torch.device | None = None,
+    confirm_run_unsafe_code: bool = False,
 ) -> LmEvalResults:
     """Run lm-evaluation-harness ``tasks`` on ``model`` through the harness's ``HFLM``.
 
@@ -176,6 +177,8 @@ def lm_eval(
         batch_size: sequences per forward pass.
         include_path: folder(s) with task YAML files of your own.
         device: move the model there first (default: where it already is).
+        confirm_run_unsafe_code: let tasks that execute the generated code run (HumanEval,
+            MBPP); they also need the environment variable ``HF_ALLOW_CODE_EVAL=1``.
 
     Returns:
         :class:`LmEvalResults`: ``{task: {metric: value}}``, with the harness's full output
@@ -201,6 +204,7 @@ def lm_eval(
             limit=limit,
             task_manager=manager,
             log_samples=False,
+            confirm_run_unsafe_code=confirm_run_unsafe_code,
         )
     finally:
         net.train(was_training)

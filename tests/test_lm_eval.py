@@ -169,3 +169,16 @@ def test_cli_eval_lm_eval(tmp_path, capsys):
     assert "nothing to evaluate" in capsys.readouterr().err
     assert main(["eval", str(saved), "--lm-eval", "compose_tiny_gem", "--include-path", str(TASKS)]) == 1
     assert "did you mean: compose_tiny_gen" in capsys.readouterr().err
+
+
+def test_tasks_that_run_code_need_confirmation(tmp_path):
+    yaml = (TASKS / f"{GEN}.yaml").read_text()
+    yaml = yaml.replace(f"task: {GEN}", "task: compose_tiny_unsafe").replace(
+        f"test: {GEN}.jsonl", f"test: {TASKS / (GEN + '.jsonl')}"
+    )
+    (tmp_path / "unsafe.yaml").write_text(yaml + "unsafe_code: true\n")
+    args = dict(tasks=["compose_tiny_unsafe"], include_path=tmp_path, limit=2)
+    with pytest.raises(ValueError, match="confirm_run_unsafe_code"):
+        lm_eval(tiny_model("llama"), tiny_tokenizer(), **args)
+    scores = lm_eval(tiny_model("llama"), tiny_tokenizer(), confirm_run_unsafe_code=True, **args)
+    assert "exact_match" in scores["compose_tiny_unsafe"]
