@@ -125,6 +125,14 @@ def _resolve_model_and_tokenizer(model: Any, tokenizer: Any):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
+    if tokenizer is None and source:
+        from transformers import AutoTokenizer
+
+        try:  # the tokenizer saved beside the model, as HFLM itself would look for it
+            tokenizer = AutoTokenizer.from_pretrained(str(source))
+        except (OSError, ValueError):
+            tokenizer = None
     if tokenizer is None:
         raise ValueError(
             "lm_eval needs a tokenizer and none was given or found: pass tokenizer= (a tokenizer object, "

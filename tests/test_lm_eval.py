@@ -182,3 +182,12 @@ def test_tasks_that_run_code_need_confirmation(tmp_path):
         lm_eval(tiny_model("llama"), tiny_tokenizer(), **args)
     scores = lm_eval(tiny_model("llama"), tiny_tokenizer(), confirm_run_unsafe_code=True, **args)
     assert "exact_match" in scores["compose_tiny_unsafe"]
+
+
+def test_tokenizer_found_beside_a_saved_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    scores = lm_eval(AutoModelForCausalLM.from_pretrained(tmp_path / "m"), tasks=[CHOICE], include_path=TASKS, limit=2)
+    assert "acc" in scores[CHOICE]
