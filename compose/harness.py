@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -204,7 +205,15 @@ def lm_eval(
         net.to(device)
     was_training = net.training
     try:
-        wrapped = HFLM(pretrained=net, tokenizer=tok, batch_size=batch_size)
+        # HFLM warns about accelerate and parallelize options whenever it is handed a loaded
+        # model; none of them apply here.
+        hf_logger = logging.getLogger("lm_eval.models.huggingface")
+        level = hf_logger.level
+        hf_logger.setLevel(logging.ERROR)
+        try:
+            wrapped = HFLM(pretrained=net, tokenizer=tok, batch_size=batch_size)
+        finally:
+            hf_logger.setLevel(level)
         raw = simple_evaluate(
             model=wrapped,
             tasks=names,
