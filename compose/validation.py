@@ -1,0 +1,345 @@
+"""The one typed validation layer: strategy options, training options, generation options.
+
+The API (:class:`~compose.Composer`), recipes and ``key=value`` overrides all pass their
+options through here before any config object is built, so a value is checked once, the
+same way, wherever it comes from:
+
+* the **type** comes from the config dataclass's annotation (``bool`` must be a bool, not
+  ``"no"``; ``int`` an int, not ``1.7`` or ``True``; ``float`` a finite number, not
+  ``"1e-3"`` or ``nan``; ``Literal[...]`` one of its values; ``X | None``, ``list[X]``,
+  ``tuple[X, Y]`` element by element);
+* the **range** comes from one table per config (:data:`TRAIN_RULES`,
+  :data:`STRATEGY_RULES`, ...).
+
+Adding an option to a config dataclass needs nothing here when its annotation says it all
+(a bool, a list of strings); one line in the matching table gives it a range
+(``"num_proc": Rule(ge=1)``). Errors are :class:`OptionError` (a ``ValueError`` and a
+``TypeError``) naming the option, the value given and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "OptionError",
+    "Rule",
+    "TRAIN_RULES",
+    "STRATEGY_RULES",
+    "GENERATE_RULES",
+    "check_value",
+    "validate_options",
+    "validate_train_options",
+    "validate_strategy_options",
+    "check_strategy_against_model",
+    "validate_generate_options",
+    "check_path_component",
+]
+
+
+class OptionError(ValueError, TypeError):
+    """An option with a wrong name, type or value; the message names it and what is accepted."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Range of a number (``gt``/``ge``/``lt``/``le``), applied after the type check."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    note: str = ""
+    """Extra advice appended to the error (e.g. "use None for no clipping")."""
+
+    def describe(self) -> str:
+        parts = []
+        if self.gt is not None:
+            parts.append(f"> {self.gt:g}")
+        if self.ge is not None:
+            parts.append(f">= {self.ge:g}")
+        if self.lt is not None:
+            parts.append(f"< {self.lt:g}")
+        if self.le is not None:
+            parts.append(f"<= {self.le:g}")
+        return " and ".join(parts)
+
+    def holds(self, x: float) -> bool:
+        return not (
+            (self.gt is not None and not x > self.gt)
+            or (self.ge is not None and not x >= self.ge)
+            or (self.lt is not None and not x < self.lt)
+            or (self.le is not None and not x <= self.le)
+        )
+
+
+POSITIVE = Rule(ge=1)
+NON_NEGATIVE = Rule(ge=0)
+
+#: Ranges of :class:`compose.train.TrainConfig` options (types come from its annotations).
+TRAIN_RULES: dict[str, Rule] = {
+    "max_steps": POSITIVE,
+    "learning_rate": Rule(gt=0),
+    "batch_size": POSITIVE,
+    "seq_len": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE,
+    "warmup_ratio": Rule(ge=0, lt=1),
+    "min_lr_ratio": Rule(ge=0, le=1),
+    "weight_decay": NON_NEGATIVE,
+    "adam_betas": Rule(ge=0, lt=1),
+    "adam_eps": Rule(gt=0),
+    "max_grad_norm": Rule(gt=0, note="use None for no clipping"),
+    "loss_chunk_tokens": POSITIVE,
+    "eval_every": NON_NEGATIVE,
+    "eval_batches": Rule(ge=1, note="use None for all batches"),
+    "save_every": NON_NEGATIVE,
+    "keep_checkpoints": POSITIVE,
+    "seed": NON_NEGATIVE,
+    "log_every": NON_NEGATIVE,
+    "num_proc": POSITIVE,
+}
+
+#: Ranges of each strategy's options (types come from the config class's annotations).
+STRATEGY_RULES: dict[str, dict[str, Rule]] = {
+    "block_expand": {"num_blocks": POSITIVE},
+    "calm": {"every": POSITIVE, "num_heads": POSITIVE, "window": POSITIVE, "out_scale": Rule(gt=0)},
+    "lora": {"r": POSITIVE, "alpha": Rule(gt=0), "dropout": Rule(ge=0, lt=1)},
+    "full": {},
+}
+
+#: Ranges of :meth:`Composer.generate` options that compose checks before ``transformers`` sees them.
+GENERATE_RULES: dict[str, Rule] = {
+    "max_new_tokens": POSITIVE,
+    "min_new_tokens": NON_NEGATIVE,
+    "num_beams": POSITIVE,
+    "num_return_sequences": POSITIVE,
+    "temperature": Rule(gt=0),
+    "top_p": Rule(gt=0, le=1),
+    "top_k": NON_NEGATIVE,
+    "repetition_penalty": Rule(gt=0),
+}
+_GENERATE_TYPES: dict[str, Any] = {
+    "max_new_tokens": int,
+    "min_new_tokens": int,
+    "num_beams": int,
+    "num_return_sequences": int,
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "repetition_penalty": float,
+    "do_sample": bool,
+    "use_cache": bool,
+}
+
+
+# ---------------------------------------------------------------------------- types
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "None"
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        inner = ", ".join(_type_name(a) for a in args if a is not Ellipsis)
+        return f"a {origin.__name__} of {inner}" if inner else f"a {origin.__name__}"
+    if origin is dict:
+        return "a mapping"
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _fail(name: str, value: Any, accepted: str) -> OptionError:
+    shown = f"{value!r} ({type(value).__name__})" if isinstance(value, str) else repr(value)
+    return OptionError(f"{name}={shown} is not accepted; expected {accepted}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _matches(value: Any, tp: Any) -> tuple[bool, Any]:
+    """``(ok, normalised value)`` for ``value`` against the annotation ``tp`` (no ranges)."""
+    if tp is Any or tp is object:
+        return True, value
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return value is None, value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, out = _matches(value, arg)
+            if ok:
+                return True, out
+        return False, value
+    if origin is typing.Literal:
+        return (value in typing.get_args(tp) and not isinstance(value, bool)), value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return (isinstance(value, int) and not isinstance(value, bool)), value
+    if tp is float:
+        ok = _is_number(value) and math.isfinite(value)
+        return ok, float(value) if ok else value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin in (list, tuple) or tp in (list, tuple):
+        return _matches_sequence(value, tp, origin or tp)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict), value
+    if isinstance(tp, type):
+        return isinstance(value, tp), value
+    return True, value  # an annotation this layer does not interpret: left to the config class
+
+
+def _matches_sequence(value: Any, tp: Any, origin: type) -> tuple[bool, Any]:
+    if not isinstance(value, (list, tuple)):
+        return False, value
+    args = typing.get_args(tp)
+    if not args:
+        return True, list(value) if origin is list else tuple(value)
+    if origin is tuple and Ellipsis not in args:
+        if len(value) != len(args):
+            return False, value
+        pairs = list(zip(value, args))
+    else:
+        pairs = [(v, args[0]) for v in value]
+    out = []
+    for v, a in pairs:
+        ok, norm = _matches(v, a)
+        if not ok:
+            return False, value
+        out.append(norm)
+    return True, out if origin is list else tuple(out)
+
+
+def _numbers_in(value: Any) -> list[float]:
+    if _is_number(value):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if _is_number(v)]
+    return []
+
+
+def check_value(name: str, value: Any, tp: Any, rule: Rule | None = None) -> Any:
+    """Check one option against its annotation and range; return the normalised value."""
+    ok, out = _matches(value, tp)
+    accepted = _type_name(tp)
+    if rule is not None and rule.describe():
+        accepted += f" {rule.describe()}" if not isinstance(out, (list, tuple)) else f" (each {rule.describe()})"
+    if rule is not None and rule.note:
+        accepted += f" ({rule.note})"
+    if not ok:
+        if isinstance(value, float) and not math.isfinite(value):
+            accepted = "a finite number: " + accepted
+        raise _fail(name, value, accepted)
+    if rule is not None and not all(rule.holds(x) for x in _numbers_in(out)):
+        raise _fail(name, value, accepted)
+    return out
+
+
+# ---------------------------------------------------------------------------- configs
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an unresolvable annotation is left to the config class
+        return {}
+
+
+def validate_options(
+    cls: type,
+    options: dict[str, Any],
+    *,
+    rules: dict[str, Rule] | None = None,
+    what: str = "option",
+    owner: str = "",
+) -> dict[str, Any]:
+    """Check ``options`` against the fields of dataclass ``cls``; return them normalised.
+
+    Unknown names are errors listing the accepted ones (and the closest match).
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise OptionError(
+            f"unknown {what}(s) {', '.join(map(repr, unknown))}{owner}{hint}; accepted: {', '.join(sorted(fields))}"
+        )
+    hints = _hints(cls)
+    rules = rules or {}
+    return {name: check_value(name, value, hints.get(name, Any), rules.get(name)) for name, value in options.items()}
+
+
+def validate_train_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The keyword options of ``Composer.fit`` checked against :class:`~compose.train.TrainConfig`."""
+    from .train import TrainConfig
+
+    out = validate_options(TrainConfig, options, rules=TRAIN_RULES, what="training option")
+    if out.get("max_grad_norm") == 0:
+        raise _fail("max_grad_norm", 0, "a number > 0 (use None for no clipping)")
+    if "callbacks" in out and not all(callable(cb) for cb in out["callbacks"]):
+        raise OptionError("callbacks must be a list of callables cb(step, metrics)")
+    return out
+
+
+def validate_strategy_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """A strategy's keyword options checked against its config class; unknown names listed."""
+    from .strategies.base import get_strategy
+
+    config_class = get_strategy(name).config_class
+    return validate_options(
+        config_class, options, rules=STRATEGY_RULES.get(name, {}), what="option", owner=f" for strategy {name!r}"
+    )
+
+
+def check_strategy_against_model(name: str, config: Any, model_config: Any) -> None:
+    """Checks that need the anchor's config, run before anything is built (so before memory grows)."""
+    from . import arch
+
+    if name == "block_expand":
+        layers = arch.num_layers(model_config)
+        n = getattr(config, "num_blocks", None)
+        if isinstance(n, int) and n > 4 * layers:
+            raise OptionError(
+                f"num_blocks={n} is not accepted for a model of {layers} blocks; expected at most "
+                f"4 x {layers} = {4 * layers} new blocks"
+            )
+
+
+def validate_generate_options(
+    options: dict[str, Any], *, prompt_length: int | None = None, max_positions: int | None = None
+) -> dict[str, Any]:
+    """Types and ranges of generation options, and ``prompt + max_new_tokens`` within the positions."""
+    out = dict(options)
+    for key, value in options.items():
+        if key in _GENERATE_TYPES and value is not None:
+            out[key] = check_value(key, value, _GENERATE_TYPES[key], GENERATE_RULES.get(key))
+    new = out.get("max_new_tokens")
+    if isinstance(new, int) and max_positions is not None:
+        total = new + (prompt_length or 0)
+        if total > max_positions:
+            room = max(0, max_positions - (prompt_length or 0))
+            raise OptionError(
+                f"max_new_tokens={new} is not accepted: prompt ({prompt_length or 0} tokens) + new tokens = {total} "
+                f"is beyond the model's {max_positions} positions; expected max_new_tokens <= {room}"
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------- paths
+def check_path_component(name: str, value: Any) -> str:
+    """A name used as one directory level (a stage name): no separators, no ``.``/``..``, not empty."""
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(name, value, "a non-empty string")
+    bad = value in (".", "..") or any(c in value for c in "/\\\0") or value != value.strip()
+    if bad or value.startswith("~"):
+        raise _fail(name, value, "a single directory name (letters, digits, '-', '_', '.'; no '/', '..' or '~')")
+    return value
