@@ -39,6 +39,7 @@ __all__ = [
     "check_writable_target",
     "owned_files",
     "write_json",
+    "write_text",
     "read_json",
     "output_lock",
     "LockError",
@@ -71,19 +72,7 @@ class LockError(RuntimeError):
 # ---------------------------------------------------------------------------- JSON
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write sorted JSON atomically: a reader (or a crash) sees the old file or the whole new one."""
-    path = Path(path)
-    text = json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -346,3 +335,19 @@ def mark_complete(directory: str | os.PathLike, info: dict[str, Any] | None = No
 
 def is_complete(directory: str | os.PathLike) -> bool:
     return (Path(directory) / COMPLETE_NAME).is_file()
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (a crash or a full disk leaves the old file or none, never half)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

@@ -28,7 +28,16 @@ from transformers import (
     Qwen3Config,
 )
 
-__all__ = ["TINY_FAMILIES", "tiny_config", "tiny_model", "tiny_tokenizer", "randomize_"]
+__all__ = [
+    "TINY_FAMILIES",
+    "TINY_PREFIX",
+    "tiny_config",
+    "tiny_model",
+    "tiny_tokenizer",
+    "randomize_",
+    "parse_tiny_spec",
+    "tiny_from_spec",
+]
 
 VOCAB = 96
 
@@ -146,3 +155,43 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+# ---------------------------------------------------------------------------- tiny: specs
+TINY_PREFIX = "tiny:"
+_TINY_OPTIONS = ("seed", "hidden", "layers", "heads", "kv_heads", "positions", "tie")
+
+
+def parse_tiny_spec(spec: str) -> tuple[str, dict]:
+    """``"tiny:llama?hidden=48&layers=2&seed=1"`` -> ``("llama", {"hidden": 48, "layers": 2, "seed": 1})``.
+
+    The stand-in models of recipes and the command line; a bad family, option or value is a
+    ``ValueError`` naming it and what is accepted.
+    """
+    if not isinstance(spec, str) or not spec.startswith(TINY_PREFIX):
+        raise ValueError(f"{spec!r} is not a tiny model spec (tiny:FAMILY?key=value&...)")
+    family, _, query = spec[len(TINY_PREFIX) :].partition("?")
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"{spec!r}: unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+    kwargs: dict = {}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        if key not in _TINY_OPTIONS:
+            raise ValueError(f"{spec!r}: unknown tiny option {key!r}; valid: {', '.join(_TINY_OPTIONS)}")
+        if key == "tie":
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{spec!r}: tie={value!r} is not accepted; expected true or false")
+            kwargs[key] = value.lower() in ("true", "1")
+        elif not value.isdigit() or (int(value) < 1 and key != "seed"):
+            raise ValueError(f"{spec!r}: {key}={value!r} is not accepted; expected a positive integer")
+        else:
+            kwargs[key] = int(value)
+    return family, kwargs
+
+
+def tiny_from_spec(spec: str) -> PreTrainedModel:
+    """The tiny random model a ``tiny:`` spec names (its ``_name_or_path`` is the spec, so it can be rebuilt)."""
+    family, kwargs = parse_tiny_spec(spec)
+    model = tiny_model(family, **kwargs)
+    model.config._name_or_path = spec
+    return model
