@@ -139,22 +139,45 @@ _GENERATE_TYPES: dict[str, Any] = {
 
 
 # ---------------------------------------------------------------------------- types
-def _type_name(tp: Any) -> str:
+_NAMES = {bool: "true/false", int: "an integer", float: "a finite number", str: "a string"}
+_PLURALS = {bool: "true/false values", int: "integers", float: "finite numbers", str: "strings"}
+
+
+def _type_name(tp: Any, plural: bool = False) -> str:
     origin = typing.get_origin(tp)
     if tp is type(None):
         return "None"
     if origin is typing.Literal:
-        return " or ".join(repr(a) for a in typing.get_args(tp))
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
         args = typing.get_args(tp)
-        inner = ", ".join(_type_name(a) for a in args if a is not Ellipsis)
-        return f"a {origin.__name__} of {inner}" if inner else f"a {origin.__name__}"
-    if origin is dict:
+        named = " or ".join(_type_name(a, plural) for a in args if a is not type(None))
+        return named + (", or None" if type(None) in args else "")
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if origin is tuple and len(args) == 2 and args[0] == args[1]:
+            return f"a pair of {_type_name(args[0], True)}"
+        return f"a {origin.__name__} of {_type_name(args[0], True)}" if args else f"a {origin.__name__}"
+    if origin is dict or tp is dict:
         return "a mapping"
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
+    table = _PLURALS if plural else _NAMES
+    return table.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _describe(tp: Any, rule: Rule | None) -> str:
+    """What is accepted, in words: ``an integer >= 1, or None (use None for all batches)``."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    optional = type(None) in args
+    main = [a for a in args if a is not type(None)]
+    text = " or ".join(_type_name(a) for a in main) or "None"
+    if rule is not None and rule.describe():
+        seq = any(typing.get_origin(a) in (list, tuple) for a in main)
+        text += f" (each {rule.describe()})" if seq else f" {rule.describe()}"
+    if optional and main:
+        text += ", or None"
+    if rule is not None and rule.note:
+        text += f" ({rule.note})"
+    return text
 
 
 def _fail(name: str, value: Any, accepted: str) -> OptionError:
@@ -231,17 +254,8 @@ def _numbers_in(value: Any) -> list[float]:
 def check_value(name: str, value: Any, tp: Any, rule: Rule | None = None) -> Any:
     """Check one option against its annotation and range; return the normalised value."""
     ok, out = _matches(value, tp)
-    accepted = _type_name(tp)
-    if rule is not None and rule.describe():
-        accepted += f" {rule.describe()}" if not isinstance(out, (list, tuple)) else f" (each {rule.describe()})"
-    if rule is not None and rule.note:
-        accepted += f" ({rule.note})"
-    if not ok:
-        if isinstance(value, float) and not math.isfinite(value):
-            accepted = "a finite number: " + accepted
-        raise _fail(name, value, accepted)
-    if rule is not None and not all(rule.holds(x) for x in _numbers_in(out)):
-        raise _fail(name, value, accepted)
+    if not ok or (rule is not None and not all(rule.holds(x) for x in _numbers_in(out))):
+        raise _fail(name, value, _describe(tp, rule))
     return out
 
 
@@ -286,7 +300,7 @@ def validate_train_options(options: dict[str, Any]) -> dict[str, Any]:
     if out.get("max_grad_norm") == 0:
         raise _fail("max_grad_norm", 0, "a number > 0 (use None for no clipping)")
     if "callbacks" in out and not all(callable(cb) for cb in out["callbacks"]):
-        raise OptionError("callbacks must be a list of callables cb(step, metrics)")
+        raise _fail("callbacks", out["callbacks"], "a list of callables cb(step, metrics)")
     return out
 
 

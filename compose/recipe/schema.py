@@ -262,6 +262,7 @@ def validate_sections(cfg: DictConfig, where: str) -> None:
         lm = _check(LmEvalSection, lm, where, "eval.lm_eval", LM_EVAL_RULES)
         if not lm.get("tasks"):
             raise RecipeError(f"{where}: eval.lm_eval.tasks is empty; name at least one task (e.g. [hellaswag])")
+        cfg.eval.lm_eval = dataclasses.asdict(LmEvalSection(**lm))  # defaults filled in
     train_config(cfg, where)
 
 
