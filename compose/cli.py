@@ -250,11 +250,16 @@ def _cmd_generate(args) -> int:
         raise ValueError(f"{args.dir} has no tokenizer (and its anchor has none): cannot encode text prompts")
     torch.manual_seed(args.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    from . import arch
+    from .validation import validate_generate_options
+
+    limit = arch.max_positions(composer.model.config) if hasattr(composer.model, "config") else None
     for prompt in args.prompt:
         enc = tok(prompt, return_tensors="pt")
         kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
         if args.sample:
             kwargs.update(temperature=args.temperature, top_p=args.top_p)
+        kwargs = validate_generate_options(kwargs, prompt_length=enc["input_ids"].shape[1], max_positions=limit)
         out = composer.generate(enc["input_ids"], attention_mask=enc["attention_mask"], pad_token_id=pad, **kwargs)
         text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         _print(prompt + text)

@@ -858,3 +858,11 @@ def test_finite_numbers_stay_accepted(expand, tmp_path):
     """The strict layer does not reject what is fine: ints for floats, None where allowed, 0 where allowed."""
     expand.fit(_ids(), **{**FIT, "learning_rate": 1, "weight_decay": 0, "max_grad_norm": None, "eval_batches": None})
     assert math.isfinite(expand.history[-1]["loss"])
+
+
+def test_cli_generate_beyond_the_model_positions(anchor, tmp_path, capsys):
+    from compose.cli import main
+
+    Composer(anchor, strategy="full", tokenizer=tiny_tokenizer()).save(tmp_path / "model")
+    assert main(["generate", str(tmp_path / "model"), "--prompt", "def", "--max-new-tokens", "1000"]) == 1
+    assert "max_new_tokens=1000" in capsys.readouterr().err
