@@ -23,6 +23,7 @@ from .io import (
     output_lock,
     prepare_run_directory,
     read_json,
+    recover_directory,
     write_json,
 )
 from .strategies import STRATEGIES, StrategyConfig, get_strategy, make_config
@@ -374,6 +375,7 @@ class Composer:
         created = not out.exists()
         try:
             with output_lock(out):
+                recover_directory(out / "final")  # a save interrupted between its renames, by an earlier run
                 prepare_run_directory(out, resume=config.resume, overwrite=config.overwrite_output_dir)
                 self.history = train(self, train_data, eval_data, config)
                 if after is not None:

@@ -866,3 +866,13 @@ def test_cli_generate_beyond_the_model_positions(anchor, tmp_path, capsys):
     Composer(anchor, strategy="full", tokenizer=tiny_tokenizer()).save(tmp_path / "model")
     assert main(["generate", str(tmp_path / "model"), "--prompt", "def", "--max-new-tokens", "1000"]) == 1
     assert "max_new_tokens=1000" in capsys.readouterr().err
+
+
+def test_next_run_restores_a_final_left_in_the_rename_window(anchor, finished_run):
+    aside = finished_run / f".final.old-{2**22 + 7}-cccc"
+    os.replace(finished_run / "final", aside)  # what a kill between the two renames leaves
+    before = _snapshot(aside)
+    with pytest.warns(UserWarning, match="restored"):
+        with pytest.raises(OutputError, match="finished run"):
+            Composer(anchor, strategy="block_expand", num_blocks=1).fit(_ids(), **FIT, output_dir=str(finished_run))
+    assert _snapshot(finished_run / "final") == before and not aside.exists()
