@@ -834,6 +834,8 @@ def test_full_disk_while_writing_results_leaves_the_run_incomplete(tmp_path, mon
     assert not (out / COMPLETE_NAME).exists() and not (out / "final" / "results.json").exists()
     assert not (out / LOCK_NAME).exists()
     assert not any(p.name.startswith(".results") for p in (out / "final").iterdir())
+    with pytest.warns(UserWarning, match="did not finish"):
+        load_output(out / "final")
 
 
 def test_recipe_rerun_into_a_finished_run_is_refused(tmp_path):

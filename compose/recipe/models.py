@@ -32,12 +32,21 @@ def resolve_model(source: str, *, dtype: str | None = None):
 def load_output(directory: str | os.PathLike, **kwargs: Any):
     """``Composer.load(directory)``, rebuilding ``tiny:`` stand-in base models recorded in ``compose.json``.
 
-    An interrupted save of ``directory`` is recovered first (see :func:`compose.io.recover_directory`).
+    An interrupted save of ``directory`` is recovered first (see :func:`compose.io.recover_directory`);
+    the ``final/`` of a run that did not finish (no ``complete.json`` beside it) loads with a warning.
     """
+    import warnings
+
     from ..composer import CONFIG_NAME, Composer
-    from ..io import read_json, recover_directory
+    from ..io import RUN_MARKER, is_complete, read_json, recover_directory
 
     recover_directory(directory)
+    run = Path(directory).parent
+    if Path(directory).name == "final" and (run / RUN_MARKER).is_file() and not is_complete(run):
+        warnings.warn(
+            f"compose: the run in {run} did not finish (no complete.json): {directory} may lack its results",
+            stacklevel=2,
+        )
     meta_path = Path(directory) / CONFIG_NAME
     if meta_path.is_file():
         meta = read_json(meta_path)
