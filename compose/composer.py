@@ -27,7 +27,15 @@ from .io import (
     write_json,
 )
 from .strategies import STRATEGIES, StrategyConfig, get_strategy, make_config
-from .validation import OptionError, check_strategy_against_model, validate_strategy_options, validate_train_options
+from .validation import (
+    OptionError,
+    check_strategy_against_model,
+    check_token_ids,
+    check_tokenizer_vocabulary,
+    validate_strategy_options,
+    validate_train_options,
+    vocab_size,
+)
 
 __all__ = ["Composer", "load_model"]
 
@@ -176,63 +184,6 @@ def _model_type(config: Any) -> str | None:
     return getattr(config, "model_type", None)
 
 
-def _vocab_size(model: nn.Module) -> int | None:
-    try:
-        return int(model.get_input_embeddings().num_embeddings)
-    except Exception:  # noqa: BLE001 - a composite without input embeddings: use the config
-        size = getattr(getattr(model, "config", None), "vocab_size", None)
-        return size if isinstance(size, int) else None
-
-
-def _check_vocabulary(tokenizer: Any, model: PreTrainedModel) -> None:
-    """A tokenizer that can produce ids the model has no embedding for is an error now, not at step 1."""
-    if tokenizer is None or not hasattr(tokenizer, "__len__"):
-        return
-    vocab = _vocab_size(model)
-    if vocab is not None and len(tokenizer) > vocab:
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise ValueError(
-            f"tokenizer {name!r} has {len(tokenizer)} tokens but the model's embedding has {vocab} rows: ids "
-            f">= {vocab} would index past it. Use the tokenizer that belongs to the model (tokenizer=...), or "
-            "resize the model's embeddings before composing"
-        )
-
-
-def _check_token_ids(data: Any, vocab: int | None, name: str) -> None:
-    """Token ids given directly (``input_ids`` records, token blocks) must lie in ``[0, vocab)``."""
-    if vocab is None or data is None:
-        return
-    tensor = getattr(data, "input_ids", None)
-    if isinstance(tensor, torch.Tensor):
-        items: list[tuple[str, Any]] = [(f"{name}.input_ids", tensor)]
-    elif isinstance(data, (list, tuple)) and data and all(isinstance(r, dict) for r in data):
-        items = [(f"{name}[{i}]", r.get("input_ids")) for i, r in enumerate(data)]
-    else:
-        return
-    for where, ids in items:
-        if ids is None:
-            continue
-        t = ids if isinstance(ids, torch.Tensor) else None
-        if t is None:
-            if not isinstance(ids, (list, tuple)) or not all(
-                isinstance(x, int) and not isinstance(x, bool) for x in ids
-            ):
-                raise ValueError(f"{where}: input_ids must be a list of integer token ids, got {str(ids)[:60]}")
-            if not ids:
-                continue
-            low, high = min(ids), max(ids)
-        elif t.numel() == 0:
-            continue
-        else:
-            low, high = int(t.min()), int(t.max())
-        if low < 0 or high >= vocab:
-            bad = high if high >= vocab else low
-            raise ValueError(
-                f"{where}: token id {bad} is outside the model's vocabulary (valid ids: 0..{vocab - 1}); "
-                "were these ids made with another tokenizer?"
-            )
-
-
 class Composer:
     """Augment a frozen anchor model with a strategy, then train, evaluate, generate and save.
 
@@ -293,7 +244,7 @@ class Composer:
         self.augment_sources = [s for _, s in loaded]
         self._base_configs = [anchor_model.config] + [m.config for m in augments]
         self.tokenizer = self._resolve_tokenizer(tokenizer, [self.anchor_source])
-        _check_vocabulary(self.tokenizer, anchor_model)
+        check_tokenizer_vocabulary(self.tokenizer, anchor_model)
         self.model: nn.Module = self.strategy.build(anchor_model, augments)
         self.model.eval()
         self.history: list[dict[str, float]] = []
@@ -398,9 +349,9 @@ class Composer:
                     f"seq_len={config.seq_len} is beyond the {role}'s {limit} positions "
                     f"(max_position_embeddings); use seq_len <= {limit}"
                 )
-        vocab = _vocab_size(self.model)
+        vocab = vocab_size(self.model)
         for name, data in (("train_data", train_data), ("eval_data", eval_data)):
-            _check_token_ids(data, vocab, name)
+            check_token_ids(data, vocab, name)
 
     def evaluate(self, eval_data: Any, *, batch_size: int = 8, seq_len: int | None = None, **kwargs: Any) -> dict:
         """Loss and perplexity of the composed model on ``eval_data`` (same forms as ``fit``)."""

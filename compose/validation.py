@@ -40,6 +40,9 @@ __all__ = [
     "check_strategy_against_model",
     "validate_generate_options",
     "check_path_component",
+    "check_token_ids",
+    "check_tokenizer_vocabulary",
+    "vocab_size",
 ]
 
 
@@ -346,6 +349,70 @@ def validate_generate_options(
                 f"is beyond the model's {max_positions} positions; expected max_new_tokens <= {room}"
             )
     return out
+
+
+# ---------------------------------------------------------------------------- token ids
+def _is_tensor(x: Any) -> bool:
+    import torch
+
+    return isinstance(x, torch.Tensor)
+
+
+def vocab_size(model: Any) -> int | None:
+    try:
+        return int(model.get_input_embeddings().num_embeddings)
+    except Exception:  # noqa: BLE001 - a composite without input embeddings: use the config
+        size = getattr(getattr(model, "config", None), "vocab_size", None)
+        return size if isinstance(size, int) else None
+
+
+def check_tokenizer_vocabulary(tokenizer: Any, model: Any) -> None:
+    """A tokenizer that can produce ids the model has no embedding for is an error now, not at step 1."""
+    if tokenizer is None or not hasattr(tokenizer, "__len__"):
+        return
+    vocab = vocab_size(model)
+    if vocab is not None and len(tokenizer) > vocab:
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(
+            f"tokenizer {name!r} has {len(tokenizer)} tokens but the model's embedding has {vocab} rows: ids "
+            f">= {vocab} would index past it. Use the tokenizer that belongs to the model (tokenizer=...), or "
+            "resize the model's embeddings before composing"
+        )
+
+
+def check_token_ids(data: Any, vocab: int | None, name: str) -> None:
+    """Token ids given directly (``input_ids`` records, token blocks) must lie in ``[0, vocab)``."""
+    if vocab is None or data is None:
+        return
+    tensor = getattr(data, "input_ids", None)
+    if _is_tensor(tensor):
+        items: list[tuple[str, Any]] = [(f"{name}.input_ids", tensor)]
+    elif isinstance(data, (list, tuple)) and data and all(isinstance(r, dict) for r in data):
+        items = [(f"{name}[{i}]", r.get("input_ids")) for i, r in enumerate(data)]
+    else:
+        return
+    for where, ids in items:
+        if ids is None:
+            continue
+        t = ids if _is_tensor(ids) else None
+        if t is None:
+            if not isinstance(ids, (list, tuple)) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in ids
+            ):
+                raise ValueError(f"{where}: input_ids must be a list of integer token ids, got {str(ids)[:60]}")
+            if not ids:
+                continue
+            low, high = min(ids), max(ids)
+        elif t.numel() == 0:
+            continue
+        else:
+            low, high = int(t.min()), int(t.max())
+        if low < 0 or high >= vocab:
+            bad = high if high >= vocab else low
+            raise ValueError(
+                f"{where}: token id {bad} is outside the model's vocabulary (valid ids: 0..{vocab - 1}); "
+                "were these ids made with another tokenizer?"
+            )
 
 
 # ---------------------------------------------------------------------------- paths
