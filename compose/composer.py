@@ -29,6 +29,7 @@ from .io import (
 from .strategies import STRATEGIES, StrategyConfig, get_strategy, make_config
 from .validation import (
     OptionError,
+    check_data_file,
     check_strategy_against_model,
     check_token_ids,
     check_tokenizer_vocabulary,
@@ -351,6 +352,7 @@ class Composer:
                 )
         vocab = vocab_size(self.model)
         for name, data in (("train_data", train_data), ("eval_data", eval_data)):
+            check_data_file(data)
             check_token_ids(data, vocab, name)
 
     def evaluate(self, eval_data: Any, *, batch_size: int = 8, seq_len: int | None = None, **kwargs: Any) -> dict:

@@ -41,6 +41,7 @@ __all__ = [
     "validate_generate_options",
     "check_path_component",
     "check_token_ids",
+    "check_data_file",
     "check_tokenizer_vocabulary",
     "vocab_size",
 ]
@@ -413,6 +414,42 @@ def check_token_ids(data: Any, vocab: int | None, name: str) -> None:
                 f"{where}: token id {bad} is outside the model's vocabulary (valid ids: 0..{vocab - 1}); "
                 "were these ids made with another tokenizer?"
             )
+
+
+# ---------------------------------------------------------------------------- data files
+def check_data_file(path: Any) -> None:
+    """A local .txt/.jsonl/.json data file must be UTF-8 (and .jsonl one JSON record per line).
+
+    Read as a stream, so the check costs one pass over the file and no memory; the error
+    names the file, the byte offset and the line.
+    """
+    import codecs
+    import json
+    import os
+    from pathlib import Path
+
+    if not isinstance(path, (str, os.PathLike)):
+        return
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    if suffix not in (".txt", ".jsonl", ".json") or not p.is_file():
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(p, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                text = decoder.decode(raw)
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{p}: not UTF-8 text at byte {offset + e.start} (line {number}); re-save the file as UTF-8"
+                ) from None
+            if suffix == ".jsonl" and text.strip():
+                try:
+                    json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}:{number}: not a JSON record ({e.msg} at column {e.colno})") from None
+            offset += len(raw)
 
 
 # ---------------------------------------------------------------------------- paths

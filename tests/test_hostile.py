@@ -878,3 +878,42 @@ def test_next_run_restores_a_final_left_in_the_rename_window(anchor, finished_ru
         with pytest.raises(OutputError, match="finished run"):
             Composer(anchor, strategy="block_expand", num_blocks=1).fit(_ids(), **FIT, output_dir=str(finished_run))
     assert _snapshot(finished_run / "final") == before and not aside.exists()
+
+
+# ============================================================================ data files
+@pytest.fixture
+def bad_files(tmp_path):
+    files = {
+        "latin1.txt": "caf\u00e9 au lait\n".encode("latin-1"),
+        "late.txt": b"line one\nline two\nx\xff\n",
+        "broken.jsonl": b'{"text": "ok"}\n{"text": "half\n',
+        "latin1.jsonl": b'{"text": "ok"}\n{"text": "\xe9"}\n',
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("latin1.txt", r"latin1.txt: not UTF-8 text at byte 3 \(line 1\)"),
+        ("late.txt", r"late.txt: not UTF-8 text at byte 19 \(line 3\)"),
+        ("broken.jsonl", r"broken.jsonl:2: not a JSON record"),
+        ("latin1.jsonl", r"latin1.jsonl: not UTF-8 text at byte 25 \(line 2\)"),
+    ],
+)
+def test_bad_data_file_named_with_position_by_fit(expand, bad_files, name, match):
+    before = _snapshot(bad_files)
+    with pytest.raises(ValueError, match=match):
+        expand.fit(str(bad_files / name), **FIT, output_dir=str(bad_files / "run"))
+    assert _snapshot(bad_files) == before and not (bad_files / "run").exists()
+
+
+@pytest.mark.parametrize("key", ["data.train", "data.eval", "eval.perplexity.general", "eval.exact_match.qa"])
+def test_bad_data_file_named_by_check_before_any_training(bad_files, key):
+    section, _, rest = key.partition(".")
+    value = str(bad_files / "latin1.txt")
+    override = f"{key}={value}" if section == "data" else f"eval.{rest.split('.')[0]}={{{rest.split('.')[1]}: {value}}}"
+    with pytest.raises(RecipeError, match=rf"{key}: .*latin1.txt: not UTF-8 text at byte 3"):
+        check_recipe(BASE, [override])

@@ -12,8 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..validation import check_data_file
 from .schema import RecipeError, _as_list, to_container
-from .stages import Recipe, check_model, load_recipe, looks_local
+from .stages import Recipe, check_model, load_recipe, looks_local, stage_sources
 
 __all__ = ["check_recipe"]
 
@@ -22,8 +23,9 @@ def check_recipe(source: str | os.PathLike | dict, overrides: list[str] | tuple[
     """Validate a recipe fully without loading weights or downloading anything.
 
     Checks the schema and every value, each stage's strategy and options (against the models'
-    configs where they are available offline), the training options, and that local paths
-    (models, tokenizers, data files) exist. ``recipe.counts`` maps each stage to its number of
+    configs where they are available offline), the training options, that local paths
+    (models, tokenizers, data files) exist, and that local text data is UTF-8 (``.jsonl``: one
+    JSON record per line). ``recipe.counts`` maps each stage to its number of
     trainable parameters, or to a note saying why it could not be counted.
     """
     recipe = load_recipe(source, overrides)
@@ -39,6 +41,12 @@ def check_recipe(source: str | os.PathLike | dict, overrides: list[str] | tuple[
         tokenizer = cfg.data.tokenizer
         if tokenizer and looks_local(tokenizer) and not Path(tokenizer).expanduser().exists():
             raise RecipeError(f"{sw}: data.tokenizer {tokenizer!r} does not exist")
+        for where, src in stage_sources(cfg):
+            path = src.get("path") if isinstance(src, dict) else src
+            try:
+                check_data_file(path)  # eval sets too: nothing fails after training for a bad file
+            except ValueError as e:
+                raise RecipeError(f"{sw}: {where}: {e}") from None
         previous = _count(recipe, stage, sw, previous)
     return recipe
 

@@ -12,7 +12,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..strategies import STRATEGIES, get_strategy
 from ..testing import TINY_PREFIX, parse_tiny_spec
-from ..validation import OptionError, Rule, check_path_component, check_value, validate_strategy_options
+from ..validation import (
+    OptionError,
+    Rule,
+    check_path_component,
+    check_value,
+    validate_strategy_options,
+)
 from .overrides import apply_override, has_key, parse_override
 from .schema import (
     SOURCE_KEYS,
@@ -209,15 +215,19 @@ def validate_stage(stage: Stage, where: str) -> None:
         raise RecipeError(f"{sw}: dtype {cfg.dtype!r} is not one of float32, bfloat16, float16")
     if not _as_list(to_container(cfg.data.train)):
         raise RecipeError(f"{sw}: data.train is empty; give a file, a hub dataset or a list of them")
-    for key in ("train", "eval"):
-        for src in _as_list(to_container(cfg.data[key])):
-            check_source(src, f"{sw}: data.{key}")
-    for section in ("perplexity", "exact_match"):
-        for name, src in to_container(cfg.eval[section]).items():
-            check_source(src, f"{sw}: eval.{section}.{name}")
+    for where_, src in stage_sources(cfg):
+        check_source(src, f"{sw}: {where_}")
     unknown_domain = sorted(set(cfg.eval.domain) - set(cfg.eval.perplexity))
     if unknown_domain:
         raise RecipeError(f"{sw}: eval.domain names {unknown_domain} that are not eval.perplexity sets")
+
+
+def stage_sources(cfg: DictConfig) -> list[tuple[str, Any]]:
+    """``(where, source)`` for every data source a stage reads: training, eval loss, evaluation sets."""
+    out = [(f"data.{key}", src) for key in ("train", "eval") for src in _as_list(to_container(cfg.data[key]))]
+    for section in ("perplexity", "exact_match"):
+        out += [(f"eval.{section}.{name}", src) for name, src in to_container(cfg.eval[section]).items()]
+    return out
 
 
 def looks_local(s: str) -> bool:
