@@ -39,6 +39,7 @@ __all__ = [
     "validate_strategy_options",
     "check_strategy_against_model",
     "validate_generate_options",
+    "validate_generate_inputs",
     "check_path_component",
     "check_token_ids",
     "check_data_file",
@@ -352,6 +353,28 @@ def validate_generate_options(
     return out
 
 
+def validate_generate_inputs(input_ids: Any, attention_mask: Any = None, *, vocab: int | None = None) -> None:
+    """Prompts for ``generate``: ids in the vocabulary, padding on the left only.
+
+    Decoding continues after the last position of every row, so a row padded at its end
+    (right padding, or a batch padded on both sides) would continue from padding and give
+    different tokens than the same prompt alone.
+    """
+    if not _is_tensor(input_ids) or input_ids.dim() != 2:
+        raise OptionError(f"input_ids must be a 2-d tensor [batch, tokens], got {type(input_ids).__name__}")
+    check_token_ids(input_ids, vocab, "input_ids")
+    if attention_mask is None:
+        return
+    if not _is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
+        raise OptionError(f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}")
+    right = (attention_mask[:, -1] == 0).nonzero().flatten().tolist()
+    if right:
+        raise OptionError(
+            f"attention_mask: row(s) {right[:5]} are padded at the end; generation continues from the last position, "
+            "so pad prompts on the left (tokenizer.padding_side = 'left')"
+        )
+
+
 # ---------------------------------------------------------------------------- token ids
 def _is_tensor(x: Any) -> bool:
     import torch
@@ -385,9 +408,11 @@ def check_token_ids(data: Any, vocab: int | None, name: str) -> None:
     """Token ids given directly (``input_ids`` records, token blocks) must lie in ``[0, vocab)``."""
     if vocab is None or data is None:
         return
-    tensor = getattr(data, "input_ids", None)
-    if _is_tensor(tensor):
-        items: list[tuple[str, Any]] = [(f"{name}.input_ids", tensor)]
+    tensor = data if _is_tensor(data) else getattr(data, "input_ids", None)
+    if _is_tensor(data):
+        items: list[tuple[str, Any]] = [(name, data)]
+    elif _is_tensor(tensor):
+        items = [(f"{name}.input_ids", tensor)]
     elif isinstance(data, (list, tuple)) and data and all(isinstance(r, dict) for r in data):
         items = [(f"{name}[{i}]", r.get("input_ids")) for i, r in enumerate(data)]
     else:
@@ -400,7 +425,7 @@ def check_token_ids(data: Any, vocab: int | None, name: str) -> None:
             if not isinstance(ids, (list, tuple)) or not all(
                 isinstance(x, int) and not isinstance(x, bool) for x in ids
             ):
-                raise ValueError(f"{where}: input_ids must be a list of integer token ids, got {str(ids)[:60]}")
+                raise OptionError(f"{where}: input_ids must be a list of integer token ids, got {str(ids)[:60]}")
             if not ids:
                 continue
             low, high = min(ids), max(ids)
@@ -410,7 +435,7 @@ def check_token_ids(data: Any, vocab: int | None, name: str) -> None:
             low, high = int(t.min()), int(t.max())
         if low < 0 or high >= vocab:
             bad = high if high >= vocab else low
-            raise ValueError(
+            raise OptionError(
                 f"{where}: token id {bad} is outside the model's vocabulary (valid ids: 0..{vocab - 1}); "
                 "were these ids made with another tokenizer?"
             )

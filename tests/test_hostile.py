@@ -917,3 +917,32 @@ def test_bad_data_file_named_by_check_before_any_training(bad_files, key):
     override = f"{key}={value}" if section == "data" else f"eval.{rest.split('.')[0]}={{{rest.split('.')[1]}: {value}}}"
     with pytest.raises(RecipeError, match=rf"{key}: .*latin1.txt: not UTF-8 text at byte 3"):
         check_recipe(BASE, [override])
+
+
+# ============================================================================ generation inputs
+@pytest.mark.parametrize(
+    "ids,mask,match",
+    [
+        (
+            [[5, 6, 7], [5, 6, 7]],
+            [[1, 1, 1], [1, 1, 0]],
+            r"row\(s\) \[1\] are padded at the end.*padding_side = 'left'",
+        ),
+        ([[5, 6, 7], [0, 5, 0]], [[1, 1, 1], [0, 1, 0]], r"row\(s\) \[1\] are padded at the end"),
+        ([[5, 6, 96]], None, r"input_ids: token id 96 is outside"),
+        ([[5, -2, 6]], None, r"input_ids: token id -2"),
+        ([[5, 6, 7]], [[1, 1]], r"attention_mask must be a tensor of the shape"),
+    ],
+)
+def test_bad_generation_inputs(ids, mask, match):
+    from compose.validation import validate_generate_inputs
+
+    mask_t = torch.tensor(mask) if mask is not None else None
+    with pytest.raises(OptionError, match=match):
+        validate_generate_inputs(torch.tensor(ids), mask_t, vocab=96)
+
+
+def test_left_padded_generation_inputs_pass():
+    from compose.validation import validate_generate_inputs
+
+    validate_generate_inputs(torch.tensor([[0, 5, 6], [4, 5, 6]]), torch.tensor([[0, 1, 1], [1, 1, 1]]), vocab=96)
