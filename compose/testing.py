@@ -72,24 +72,17 @@ def tiny_config(
         pad_token_id=0,
     )
     llama_like = dict(common, num_key_value_heads=kv_heads)
-    if family == "llama":
-        cfg = LlamaConfig(**llama_like, attention_bias=bias, mlp_bias=bias)
-    elif family == "mistral":
-        cfg = MistralConfig(**llama_like, sliding_window=None)
-    elif family == "qwen2":
-        cfg = Qwen2Config(**llama_like, use_sliding_window=False)
-    elif family == "qwen3":
-        cfg = Qwen3Config(**llama_like, head_dim=hidden // heads, attention_bias=bias)
-    elif family == "gemma":
-        cfg = GemmaConfig(**llama_like, head_dim=hidden // heads)
-    elif family == "gemma2":
-        cfg = Gemma2Config(**llama_like, head_dim=hidden // heads, sliding_window=8)
-    elif family == "phi3":
-        cfg = Phi3Config(**llama_like)
-    elif family == "mixtral":
-        cfg = MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2)
-    elif family == "gpt2":
-        cfg = GPT2Config(
+    head_dim = hidden // heads
+    families = {
+        "llama": lambda: LlamaConfig(**llama_like, attention_bias=bias, mlp_bias=bias),
+        "mistral": lambda: MistralConfig(**llama_like, sliding_window=None),
+        "qwen2": lambda: Qwen2Config(**llama_like, use_sliding_window=False),
+        "qwen3": lambda: Qwen3Config(**llama_like, head_dim=head_dim, attention_bias=bias),
+        "gemma": lambda: GemmaConfig(**llama_like, head_dim=head_dim),
+        "gemma2": lambda: Gemma2Config(**llama_like, head_dim=head_dim, sliding_window=8),
+        "phi3": lambda: Phi3Config(**llama_like),
+        "mixtral": lambda: MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2),
+        "gpt2": lambda: GPT2Config(
             vocab_size=vocab,
             n_embd=hidden,
             n_layer=layers,
@@ -99,11 +92,15 @@ def tiny_config(
             bos_token_id=1,
             eos_token_id=2,
             pad_token_id=0,
-        )
-    elif family == "gpt_neox":
-        cfg = GPTNeoXConfig(**common, use_parallel_residual=True)
-    else:
+        ),
+        "gpt_neox": lambda: GPTNeoXConfig(**common, use_parallel_residual=True),
+    }
+    if family not in families:
         raise ValueError(f"no tiny config for family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+    return _without_dropout(families[family](), tie)
+
+
+def _without_dropout(cfg, tie: bool | None):
     for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if hasattr(cfg, key):
             setattr(cfg, key, 0.0)
