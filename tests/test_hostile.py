@@ -485,7 +485,28 @@ def test_repeated_stage_name(tmp_path):
         check_recipe(recipe)
 
 
-def test_valid_lm_eval_section_and_counts():
+@pytest.fixture
+def lm_eval_available(monkeypatch):
+    import compose.evaluate
+
+    if not hasattr(compose.evaluate, "lm_eval"):
+        monkeypatch.setattr(compose.evaluate, "lm_eval", lambda *a, **k: {}, raising=False)
+
+
+def test_lm_eval_dependencies_are_checked_before_training(monkeypatch, lm_eval_available):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    with pytest.raises(RecipeError, match=r"eval.lm_eval needs the lm-evaluation-harness package: pip install lm-eval"):
+        check_recipe(BASE, ["eval.lm_eval={tasks: [hellaswag]}"])
+
+
+def test_valid_lm_eval_section_and_counts(monkeypatch, lm_eval_available):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "lm_eval" else real(name, *a))
     recipe = check_recipe(BASE, ["eval.lm_eval={tasks: [hellaswag], num_fewshot: 0, limit: 10}"])
     assert recipe.stages[0].config.eval.lm_eval.tasks == ["hellaswag"]
     assert recipe.stages[0].config.eval.lm_eval.batch_size == 8

@@ -47,8 +47,22 @@ def check_recipe(source: str | os.PathLike | dict, overrides: list[str] | tuple[
                 check_data_file(path)  # eval sets too: nothing fails after training for a bad file
             except ValueError as e:
                 raise RecipeError(f"{sw}: {where}: {e}") from None
+        if cfg.eval.get("lm_eval"):
+            _check_lm_eval_available(sw)
         previous = _count(recipe, stage, sw, previous)
     return recipe
+
+
+def _check_lm_eval_available(where: str) -> None:
+    """``eval.lm_eval`` runs after training: its dependencies are checked before."""
+    import importlib.util
+
+    from .. import evaluate
+
+    if not hasattr(evaluate, "lm_eval"):
+        raise RecipeError(f"{where}: eval.lm_eval needs compose.evaluate.lm_eval, which this compose lacks")
+    if importlib.util.find_spec("lm_eval") is None:
+        raise RecipeError(f"{where}: eval.lm_eval needs the lm-evaluation-harness package: pip install lm-eval")
 
 
 def _meta_config(source: Any, previous: Any):
