@@ -266,10 +266,21 @@ def check_value(name: str, value: Any, tp: Any, rule: Rule | None = None) -> Any
 
 # ---------------------------------------------------------------------------- configs
 def _hints(cls: type) -> dict[str, Any]:
+    """Field annotations, resolved one by one: one unresolvable annotation leaves the others checked."""
     try:
         return typing.get_type_hints(cls)
-    except Exception:  # noqa: BLE001 - an unresolvable annotation is left to the config class
-        return {}
+    except Exception:  # noqa: BLE001 - fall back to field by field below
+        pass
+    import sys
+
+    namespace = {**vars(typing), **vars(sys.modules.get(cls.__module__, typing))}
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        try:
+            out[f.name] = eval(f.type, namespace) if isinstance(f.type, str) else f.type  # noqa: S307 - annotations
+        except Exception:  # noqa: BLE001 - left to the config class
+            continue
+    return out
 
 
 def validate_options(

@@ -6,6 +6,7 @@ no output directory appears for a run that was refused).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -967,3 +968,33 @@ def test_left_padded_generation_inputs_pass():
     from compose.validation import validate_generate_inputs
 
     validate_generate_inputs(torch.tensor([[0, 5, 6], [4, 5, 6]]), torch.tensor([[0, 1, 1], [1, 1, 1]]), vocab=96)
+
+
+# ============================================================================ the validation layer itself
+@dataclasses.dataclass
+class _Future:
+    """A config as other options get added: types from annotations, a range from one table line."""
+
+    streaming: bool = False
+    num_proc: int | None = None
+    train_modules: list[str] | None = None
+    later: Unresolvable | None = None  # noqa: F821 - an annotation this layer cannot resolve
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        ({"streaming": "no"}, r"streaming='no' \(str\) is not accepted; expected true/false"),
+        ({"num_proc": 0}, r"num_proc=0 is not accepted; expected an integer >= 1, or None"),
+        ({"num_proc": 2.0}, r"num_proc=2.0"),
+        ({"train_modules": "mlp"}, r"train_modules='mlp' \(str\) is not accepted; expected a list of strings, or None"),
+        ({"train_modules": ["mlp", 3]}, r"train_modules=\['mlp', 3\]"),
+    ],
+)
+def test_new_options_are_checked_from_their_annotation_and_rule(options, match):
+    from compose.validation import TRAIN_RULES, validate_options
+
+    with pytest.raises(OptionError, match=match):
+        validate_options(_Future, options, rules=TRAIN_RULES)
+    ok = validate_options(_Future, {"streaming": True, "num_proc": 4, "train_modules": ("mlp",), "later": object()})
+    assert ok["train_modules"] == ["mlp"]
