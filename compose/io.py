@@ -41,6 +41,7 @@ __all__ = [
     "write_json",
     "write_text",
     "read_json",
+    "check_safetensors",
     "output_lock",
     "LockError",
     "prepare_run_directory",
@@ -351,3 +352,31 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Raise naming ``path`` if it is not a whole safetensors file (cut short, damaged header).
+
+    Reads only the header: its length, its JSON, and that every tensor's bytes lie inside the file.
+    """
+    import struct
+
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path} is cut short ({size} bytes): the file is incomplete; save the model again")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise ValueError(f"{path} is cut short (header of {n} bytes, file of {size}): the file is incomplete")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError(f"{path} has a damaged header: not a safetensors file, or corrupted") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if ends and 8 + n + max(ends) > size:
+        raise ValueError(
+            f"{path} is cut short: its tensors need {8 + n + max(ends)} bytes, the file has {size}; "
+            "the file is incomplete (an interrupted copy or a full disk)"
+        )

@@ -998,3 +998,23 @@ def test_new_options_are_checked_from_their_annotation_and_rule(options, match):
         validate_options(_Future, options, rules=TRAIN_RULES)
     ok = validate_options(_Future, {"streaming": True, "num_proc": 4, "train_modules": ("mlp",), "later": object()})
     assert ok["train_modules"] == ["mlp"]
+
+
+@pytest.mark.parametrize("keep", [4, 100, -10])
+def test_truncated_weights_are_named_on_load(expand, tmp_path, keep):
+    expand.save(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:keep])
+    with pytest.raises(ValueError, match=r"model.safetensors (is cut short|has a damaged header)"):
+        load_output(tmp_path / "model")
+
+
+def test_damaged_weights_header_is_named(expand, tmp_path):
+    expand.save(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:12] = b"\xff\xfe\x00!"
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model.safetensors has a damaged header"):
+        load_output(tmp_path / "model")

@@ -33,14 +33,17 @@ def load_output(directory: str | os.PathLike, **kwargs: Any):
     """``Composer.load(directory)``, rebuilding ``tiny:`` stand-in base models recorded in ``compose.json``.
 
     An interrupted save of ``directory`` is recovered first (see :func:`compose.io.recover_directory`);
-    the ``final/`` of a run that did not finish (no ``complete.json`` beside it) loads with a warning.
+    the ``final/`` of a run that did not finish (no ``complete.json`` beside it) loads with a warning;
+    a weights file cut short or damaged is an error naming it.
     """
     import warnings
 
     from ..composer import CONFIG_NAME, Composer
-    from ..io import RUN_MARKER, is_complete, read_json, recover_directory
+    from ..io import RUN_MARKER, check_safetensors, is_complete, read_json, recover_directory
 
     recover_directory(directory)
+    for weights in sorted(Path(directory).glob("*.safetensors")):
+        check_safetensors(weights)
     run = Path(directory).parent
     if Path(directory).name == "final" and (run / RUN_MARKER).is_file() and not is_complete(run):
         warnings.warn(
