@@ -181,10 +181,6 @@ def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") in ("0", "")
 
 
-def _model_type(config: Any) -> str | None:
-    return getattr(config, "model_type", None)
-
-
 class Composer:
     """Augment a frozen anchor model with a strategy, then train, evaluate, generate and save.
 
@@ -406,15 +402,11 @@ class Composer:
                     "options": self.strategy.config.to_dict(),
                     "anchor": self.anchor_source,
                     "augment": self.augment_sources,
-                    "anchor_model_type": _model_type(self._base_configs[0]) if self._has_bases() else None,
                     "state": state,
                     **(extra or {}),
                 },
             )
         return directory
-
-    def _has_bases(self) -> bool:
-        return bool(getattr(self, "_base_configs", None))
 
     @classmethod
     def load(
