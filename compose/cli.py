@@ -198,9 +198,10 @@ def _cmd_train(args) -> int:
     if args.dry_run:
         _print(recipe.to_yaml())
         for stage in recipe.stages:
-            _print(
-                f"stage {stage.name or 'main'}: {stage.config.strategy} on {stage.config.anchor} -> {stage.output_dir}"
-            )
+            name = stage.name or "main"
+            count = recipe.counts.get(name)
+            shown = f" ({count:,} trainable parameters)" if isinstance(count, int) else ""
+            _print(f"stage {name}: {stage.config.strategy} on {stage.config.anchor} -> {stage.output_dir}{shown}")
         return 0
     results = run_recipe(recipe, log=print)
     for name, res in results.items():
