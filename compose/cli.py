@@ -59,6 +59,7 @@ def _recipe_keys_help() -> str:
         ("data.", r.DataSection, TrainConfig),
         ("train.", r.TrainSection, TrainConfig),
         ("eval.", r.EvalSection, r.EvalSection),
+        ("eval.lm_eval.", r.LmEvalSection, r.LmEvalSection),
         ("output.", r.OutputSection, r.OutputSection),
     ]
     for prefix, schema, doc_source in sections:
@@ -79,16 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser(
-        "train",
-        help="run a recipe (all its stages): fit, evaluate, save",
-        description="Run a YAML recipe: build the Composer(s), fit, evaluate the named sets, save to output.dir.",
-        epilog=_recipe_keys_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("recipe", help="path to a YAML recipe")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.max_steps=20")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe, then stop")
+    _add_train(sub)
 
     p = sub.add_parser(
         "eval",
@@ -137,6 +129,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="exact-match generation length")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
 
+    _add_generate(sub)
+    _add_check(sub)
+    _add_export(sub)
+    return parser
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="run a recipe (all its stages): fit, evaluate, save",
+        description="Run a YAML recipe: build the Composer(s), fit, evaluate the named sets, save to output.dir.",
+        epilog=_recipe_keys_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("recipe", help="path to a YAML recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides, e.g. train.max_steps=20")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the resolved recipe, then stop")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_generate(sub) -> None:
     p = sub.add_parser(
         "generate",
         help="generate text from a saved model",
@@ -144,21 +166,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir", help="a directory with compose.json")
     p.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
 
+
+def _add_check(sub) -> None:
     p = sub.add_parser(
         "check",
-        help="validate recipes without loading any model",
-        description="Validate recipes: schema, strategy options, training options, local paths. "
-        "Loads no weights and downloads nothing. Exit status 1 if any recipe fails.",
+        help="validate recipes without loading any weights",
+        description="Validate recipes with the same checks a run makes before training: schema, every value, "
+        "strategy options against the models' configs, local paths; prints each stage's trainable parameters "
+        "(models built on the meta device). Loads no weights and downloads nothing. Exit status 1 if any fails.",
     )
     p.add_argument("recipes", nargs="+", help="YAML recipes")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an override applied to each")
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
         help="write a saved model as a plain transformers checkpoint",
@@ -166,8 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         "The result loads with AutoModelForCausalLM.from_pretrained. calm cannot be exported.",
     )
     p.add_argument("dir", help="a directory with compose.json")
-    p.add_argument("out", help="the new checkpoint directory")
-    return parser
+    p.add_argument("out", help="the new checkpoint directory (new, empty, or an earlier export)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into OUT even if it holds other files (they are kept; only compose's files are replaced)",
+    )
 
 
 def _named(items: list[str], prefix: str) -> dict[str, str]:
@@ -194,9 +225,10 @@ def _cmd_train(args) -> int:
     if args.dry_run:
         _print(recipe.to_yaml())
         for stage in recipe.stages:
-            _print(
-                f"stage {stage.name or 'main'}: {stage.config.strategy} on {stage.config.anchor} -> {stage.output_dir}"
-            )
+            name = stage.name or "main"
+            count = recipe.counts.get(name)
+            shown = f" ({count:,} trainable parameters)" if isinstance(count, int) else ""
+            _print(f"stage {name}: {stage.config.strategy} on {stage.config.anchor} -> {stage.output_dir}{shown}")
         return 0
     results = run_recipe(recipe, log=print)
     for name, res in results.items():
@@ -267,11 +299,16 @@ def _cmd_generate(args) -> int:
         raise ValueError(f"{args.dir} has no tokenizer (and its anchor has none): cannot encode text prompts")
     torch.manual_seed(args.seed)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    from . import arch
+    from .validation import validate_generate_options
+
+    limit = arch.max_positions(composer.model.config) if hasattr(composer.model, "config") else None
     for prompt in args.prompt:
         enc = tok(prompt, return_tensors="pt")
         kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
         if args.sample:
             kwargs.update(temperature=args.temperature, top_p=args.top_p)
+        kwargs = validate_generate_options(kwargs, prompt_length=enc["input_ids"].shape[1], max_positions=limit)
         out = composer.generate(enc["input_ids"], attention_mask=enc["attention_mask"], pad_token_id=pad, **kwargs)
         text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         _print(prompt + text)
@@ -291,6 +328,9 @@ def _cmd_check(args) -> int:
             continue
         stages = ", ".join(f"{s.name or 'main'}:{s.config.strategy}" for s in recipe.stages)
         _print(f"ok   {path} ({stages})")
+        for name, count in recipe.counts.items():
+            shown = f"{count:,} trainable parameters" if isinstance(count, int) else count
+            _print(f"     {name}: {shown}")
     return 1 if failed else 0
 
 
@@ -299,7 +339,7 @@ def _cmd_export(args) -> int:
     from .recipe import load_output
 
     composer = load_output(args.dir)
-    out = export_plain(composer, args.out, source_dir=args.dir)
+    out = export_plain(composer, args.out, source_dir=args.dir, overwrite=args.overwrite)
     _print(f"compose: exported {composer.strategy_name} model to {out}")
     return 0
 
@@ -318,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, OSError, TypeError) as e:
+    except (ValueError, FileNotFoundError, OSError, TypeError, RuntimeError) as e:
         print(f"compose {args.command}: error: {e}", file=sys.stderr)
         return 1
 

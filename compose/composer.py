@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +14,29 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from . import __version__
-from .io import atomic_directory, read_json, write_json
+from . import __version__, arch
+from .io import (
+    LOCK_NAME,
+    RUN_MARKER,
+    atomic_directory,
+    mark_complete,
+    output_lock,
+    prepare_run_directory,
+    read_json,
+    recover_directory,
+    write_json,
+)
 from .strategies import STRATEGIES, StrategyConfig, get_strategy, make_config
+from .validation import (
+    OptionError,
+    check_data_file,
+    check_strategy_against_model,
+    check_token_ids,
+    check_tokenizer_vocabulary,
+    validate_strategy_options,
+    validate_train_options,
+    vocab_size,
+)
 
 __all__ = ["Composer", "load_model"]
 
@@ -99,6 +122,65 @@ def _find_tokenizer(sources: list[str | None]):
     return None
 
 
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+_REACHABLE: dict[str, bool] = {}
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One short TCP connection to the hub endpoint (cached for the process)."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    if host not in _REACHABLE:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            _REACHABLE[host] = True
+        except OSError:
+            _REACHABLE[host] = False
+    return _REACHABLE[host]
+
+
+def hub_access(repo_id: str, role: str, *, filename: str = "config.json") -> dict[str, Any]:
+    """Extra ``from_pretrained`` kwargs for a hub id, or an error at once when it cannot be had.
+
+    Offline (``HF_HUB_OFFLINE``) or with the hub unreachable, a cached copy is used; with no
+    cached copy the error names the id and what to do, instead of a long network timeout.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except Exception:  # noqa: BLE001 - huggingface_hub rejects malformed ids with its own types
+        raise ValueError(
+            f"{role} {repo_id!r} is not an existing local directory and not a valid hub id (org/name)"
+        ) from None
+    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        if not cached:
+            raise OSError(
+                f"{role} {repo_id!r} is not a local directory and is not in the hub cache, and HF_HUB_OFFLINE is "
+                f"set: download it first with network access (huggingface-cli download {repo_id}), or give a "
+                "local checkpoint directory"
+            )
+        return {}
+    if not _hub_reachable():
+        if cached:
+            return {"local_files_only": True}
+        raise OSError(
+            f"{role} {repo_id!r} is not a local directory and the hub cannot be reached (no network?): download "
+            f"it where there is network (huggingface-cli download {repo_id}) or give a local checkpoint directory"
+        )
+    return {}
+
+
+def _is_rank_zero() -> bool:
+    """The process that owns the output directory (the only one under ``accelerate launch``)."""
+    return os.environ.get("RANK", "0") in ("0", "")
+
+
 class Composer:
     """Augment a frozen anchor model with a strategy, then train, evaluate, generate and save.
 
@@ -143,12 +225,23 @@ class Composer:
             )
         if not strategy_cls.takes_augment and augments_in:
             raise ValueError(f"strategy {self.strategy_name!r} takes no augmenting model")
+        if not isinstance(copy_model, bool):
+            raise OptionError(f"copy_model={copy_model!r} is not accepted; expected true/false")
+        if dtype is not None:
+            _as_dtype(dtype)
         self.strategy = strategy_cls(config)
-        anchor_model, self.anchor_source = load_model(anchor, copy_model=copy_model, dtype=dtype)
-        loaded = [load_model(a, copy_model=copy_model, dtype=dtype) for a in augments_in]
+        anchor, anchor_kwargs = self._resolve_source(anchor, "anchor")
+        anchor_model, self.anchor_source = load_model(anchor, copy_model=copy_model, dtype=dtype, **anchor_kwargs)
+        check_strategy_against_model(self.strategy_name, config, anchor_model.config)
+        loaded = []
+        for a in augments_in:
+            a, kwargs = self._resolve_source(a, "augment")
+            loaded.append(load_model(a, copy_model=copy_model, dtype=dtype, **kwargs))
         augments = [m for m, _ in loaded]
         self.augment_sources = [s for _, s in loaded]
+        self._base_configs = [anchor_model.config] + [m.config for m in augments]
         self.tokenizer = self._resolve_tokenizer(tokenizer, [self.anchor_source])
+        check_tokenizer_vocabulary(self.tokenizer, anchor_model)
         self.model: nn.Module = self.strategy.build(anchor_model, augments)
         self.model.eval()
         self.history: list[dict[str, float]] = []
@@ -161,6 +254,8 @@ class Composer:
                 raise ValueError(f"pass options inside the strategy config, not as keywords: {sorted(options)}")
             for name, cls in STRATEGIES.items():
                 if type(strategy) is cls.config_class:
+                    values = {f.name: getattr(strategy, f.name) for f in dataclasses.fields(strategy) if f.init}
+                    validate_strategy_options(name, values)
                     return name, strategy
             raise ValueError(f"{type(strategy).__name__} belongs to no registered strategy")
         if not isinstance(strategy, str):
@@ -168,10 +263,30 @@ class Composer:
         return strategy, make_config(strategy, options)
 
     @staticmethod
+    def _resolve_source(source: Any, role: str) -> tuple[Any, dict[str, Any]]:
+        """A hub id that cannot be fetched fails now, naming what to do (not after a long network wait)."""
+        if not isinstance(source, str) or Path(source).expanduser().exists() or _is_local_path_like(source):
+            return source, {}
+        return source, hub_access(source, role)
+
+    @staticmethod
     def _resolve_tokenizer(tokenizer: Any, sources: list[str | None]):
         if isinstance(tokenizer, (str, os.PathLike)):
-            return AutoTokenizer.from_pretrained(str(tokenizer))
+            src = str(tokenizer)
+            kwargs: dict[str, Any] = {}
+            if not Path(src).expanduser().exists():
+                if _is_local_path_like(src):
+                    raise FileNotFoundError(f"tokenizer directory {src!r} does not exist")
+                kwargs = hub_access(src, "tokenizer", filename="tokenizer_config.json")
+            try:
+                return AutoTokenizer.from_pretrained(src, **kwargs)
+            except (OSError, ValueError) as e:
+                raise OSError(f"could not load a tokenizer from {src!r}: {e}") from e
         if tokenizer is not None:
+            if not callable(tokenizer) or not hasattr(tokenizer, "convert_tokens_to_ids"):
+                raise TypeError(
+                    f"tokenizer must be a transformers tokenizer or a path/hub id, got {type(tokenizer).__name__}"
+                )
             return tokenizer
         return _find_tokenizer(sources)
 
@@ -185,12 +300,56 @@ class Composer:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def fit(self, train_data: Any, eval_data: Any = None, **train_options: Any) -> Composer:
-        """Train the strategy's parameters; see :class:`compose.train.TrainConfig` for the options."""
+        """Train the strategy's parameters; see :class:`compose.train.TrainConfig` for the options.
+
+        With ``output_dir``, the run holds a lock on the directory (a second live run into it
+        is an error), refuses to start over a previous run unless ``resume=True`` or
+        ``overwrite_output_dir=True``, and writes ``complete.json`` last.
+        """
+        return self._fit(train_data, eval_data, train_options)
+
+    def _fit(self, train_data: Any, eval_data: Any, train_options: dict[str, Any], after=None) -> Composer:
+        """``fit``; ``after(self)`` runs once the model is trained and saved, before the completion marker."""
         from .train import TrainConfig, train
 
-        config = TrainConfig.from_kwargs(**train_options)
-        self.history = train(self, train_data, eval_data, config)
+        config = TrainConfig.from_kwargs(**validate_train_options(train_options))
+        self._check_fit(config, train_data, eval_data)
+        if config.output_dir is None or not _is_rank_zero():
+            self.history = train(self, train_data, eval_data, config)
+            if after is not None:
+                after(self)
+            return self
+        out = Path(config.output_dir)
+        created = not out.exists()
+        try:
+            with output_lock(out):
+                recover_directory(out / "final")  # a save interrupted between its renames, by an earlier run
+                prepare_run_directory(out, resume=config.resume, overwrite=config.overwrite_output_dir)
+                self.history = train(self, train_data, eval_data, config)
+                if after is not None:
+                    after(self)
+                if config.save_final:
+                    mark_complete(out, {"steps": config.max_steps, "strategy": self.strategy_name})
+        except BaseException:
+            if created and out.is_dir() and {p.name for p in out.iterdir()} <= {LOCK_NAME, RUN_MARKER}:
+                shutil.rmtree(out, ignore_errors=True)  # a run that failed before writing anything leaves nothing
+            raise
         return self
+
+    def _check_fit(self, config: Any, train_data: Any, eval_data: Any) -> None:
+        """What can be seen before training starts: positions of every base model, token ids in range."""
+        configs = getattr(self, "_base_configs", None) or [getattr(self.model, "config", None)]
+        for role, cfg in zip(["model"] + [f"augmenting model {i}" for i in range(len(configs) - 1)], configs):
+            limit = arch.max_positions(cfg) if cfg is not None else None
+            if limit is not None and config.seq_len > limit:
+                raise OptionError(
+                    f"seq_len={config.seq_len} is beyond the {role}'s {limit} positions "
+                    f"(max_position_embeddings); use seq_len <= {limit}"
+                )
+        vocab = vocab_size(self.model)
+        for name, data in (("train_data", train_data), ("eval_data", eval_data)):
+            check_data_file(data)
+            check_token_ids(data, vocab, name)
 
     def evaluate(self, eval_data: Any, *, batch_size: int = 8, seq_len: int | None = None, **kwargs: Any) -> dict:
         """Loss and perplexity of the composed model on ``eval_data`` (same forms as ``fit``)."""
@@ -212,10 +371,25 @@ class Composer:
         finally:
             self.model.train(was_training)
 
-    def save(self, directory: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
-        """Write what the strategy needs to rebuild the model, atomically, plus ``compose.json``."""
+    def save(
+        self, directory: str | os.PathLike, *, extra: dict[str, Any] | None = None, overwrite: bool = False
+    ) -> Path:
+        """Write what the strategy needs to rebuild the model, atomically, plus ``compose.json``.
+
+        ``directory`` must be new, empty, or written by compose before; a directory holding other
+        files is an error unless ``overwrite=True``, and even then only compose's files are
+        replaced (the others are kept). Non-finite trainable weights are never saved.
+        """
         directory = Path(directory)
-        with atomic_directory(directory) as tmp:
+        if not isinstance(overwrite, bool):
+            raise OptionError(f"overwrite={overwrite!r} is not accepted; expected true/false")
+        bad = [n for n, p in self.trainable_parameters().items() if not torch.isfinite(p.detach()).all()]
+        if bad:
+            raise ValueError(
+                f"refusing to save {directory}: trainable parameter(s) {', '.join(bad[:3])} hold NaN or inf "
+                "(training diverged); lower the learning rate or resume from an earlier checkpoint"
+            )
+        with atomic_directory(directory, overwrite=overwrite, what="save directory") as tmp:
             state = self.strategy.save(self.model, tmp)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)

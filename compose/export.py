@@ -21,13 +21,23 @@ from .strategies import Strategy
 __all__ = ["export_plain"]
 
 
-def export_plain(composer, directory: str | os.PathLike, *, source_dir: str | os.PathLike | None = None) -> Path:
-    """Write ``composer``'s model to ``directory`` as a checkpoint ``AutoModelForCausalLM`` loads."""
+def export_plain(
+    composer,
+    directory: str | os.PathLike,
+    *,
+    source_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``composer``'s model to ``directory`` as a checkpoint ``AutoModelForCausalLM`` loads.
+
+    ``directory`` must be new, empty or an earlier export; other files there are an error
+    unless ``overwrite=True`` (they are then kept, and only compose's files are replaced).
+    """
     strategy = composer.strategy
     if not strategy.saves_full_model and type(strategy).export is Strategy.export:
         strategy.export(composer.model, directory)  # raises: nothing to export, nothing written
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, overwrite=overwrite, what="export directory") as tmp:
         strategy.export(composer.model, tmp)
         if composer.tokenizer is not None:
             composer.tokenizer.save_pretrained(tmp)

@@ -28,7 +28,16 @@ from transformers import (
     Qwen3Config,
 )
 
-__all__ = ["TINY_FAMILIES", "tiny_config", "tiny_model", "tiny_tokenizer", "randomize_"]
+__all__ = [
+    "TINY_FAMILIES",
+    "TINY_PREFIX",
+    "tiny_config",
+    "tiny_model",
+    "tiny_tokenizer",
+    "randomize_",
+    "parse_tiny_spec",
+    "tiny_from_spec",
+]
 
 VOCAB = 96
 
@@ -63,24 +72,17 @@ def tiny_config(
         pad_token_id=0,
     )
     llama_like = dict(common, num_key_value_heads=kv_heads)
-    if family == "llama":
-        cfg = LlamaConfig(**llama_like, attention_bias=bias, mlp_bias=bias)
-    elif family == "mistral":
-        cfg = MistralConfig(**llama_like, sliding_window=None)
-    elif family == "qwen2":
-        cfg = Qwen2Config(**llama_like, use_sliding_window=False)
-    elif family == "qwen3":
-        cfg = Qwen3Config(**llama_like, head_dim=hidden // heads, attention_bias=bias)
-    elif family == "gemma":
-        cfg = GemmaConfig(**llama_like, head_dim=hidden // heads)
-    elif family == "gemma2":
-        cfg = Gemma2Config(**llama_like, head_dim=hidden // heads, sliding_window=8)
-    elif family == "phi3":
-        cfg = Phi3Config(**llama_like)
-    elif family == "mixtral":
-        cfg = MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2)
-    elif family == "gpt2":
-        cfg = GPT2Config(
+    head_dim = hidden // heads
+    families = {
+        "llama": lambda: LlamaConfig(**llama_like, attention_bias=bias, mlp_bias=bias),
+        "mistral": lambda: MistralConfig(**llama_like, sliding_window=None),
+        "qwen2": lambda: Qwen2Config(**llama_like, use_sliding_window=False),
+        "qwen3": lambda: Qwen3Config(**llama_like, head_dim=head_dim, attention_bias=bias),
+        "gemma": lambda: GemmaConfig(**llama_like, head_dim=head_dim),
+        "gemma2": lambda: Gemma2Config(**llama_like, head_dim=head_dim, sliding_window=8),
+        "phi3": lambda: Phi3Config(**llama_like),
+        "mixtral": lambda: MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2),
+        "gpt2": lambda: GPT2Config(
             vocab_size=vocab,
             n_embd=hidden,
             n_layer=layers,
@@ -90,11 +92,15 @@ def tiny_config(
             bos_token_id=1,
             eos_token_id=2,
             pad_token_id=0,
-        )
-    elif family == "gpt_neox":
-        cfg = GPTNeoXConfig(**common, use_parallel_residual=True)
-    else:
+        ),
+        "gpt_neox": lambda: GPTNeoXConfig(**common, use_parallel_residual=True),
+    }
+    if family not in families:
         raise ValueError(f"no tiny config for family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+    return _without_dropout(families[family](), tie)
+
+
+def _without_dropout(cfg, tie: bool | None):
     for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if hasattr(cfg, key):
             setattr(cfg, key, 0.0)
@@ -146,3 +152,43 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+# ---------------------------------------------------------------------------- tiny: specs
+TINY_PREFIX = "tiny:"
+_TINY_OPTIONS = ("seed", "hidden", "layers", "heads", "kv_heads", "positions", "tie")
+
+
+def parse_tiny_spec(spec: str) -> tuple[str, dict]:
+    """``"tiny:llama?hidden=48&layers=2&seed=1"`` -> ``("llama", {"hidden": 48, "layers": 2, "seed": 1})``.
+
+    The stand-in models of recipes and the command line; a bad family, option or value is a
+    ``ValueError`` naming it and what is accepted.
+    """
+    if not isinstance(spec, str) or not spec.startswith(TINY_PREFIX):
+        raise ValueError(f"{spec!r} is not a tiny model spec (tiny:FAMILY?key=value&...)")
+    family, _, query = spec[len(TINY_PREFIX) :].partition("?")
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"{spec!r}: unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+    kwargs: dict = {}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        if key not in _TINY_OPTIONS:
+            raise ValueError(f"{spec!r}: unknown tiny option {key!r}; valid: {', '.join(_TINY_OPTIONS)}")
+        if key == "tie":
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{spec!r}: tie={value!r} is not accepted; expected true or false")
+            kwargs[key] = value.lower() in ("true", "1")
+        elif not value.isdigit() or (int(value) < 1 and key != "seed"):
+            raise ValueError(f"{spec!r}: {key}={value!r} is not accepted; expected a positive integer")
+        else:
+            kwargs[key] = int(value)
+    return family, kwargs
+
+
+def tiny_from_spec(spec: str) -> PreTrainedModel:
+    """The tiny random model a ``tiny:`` spec names (its ``_name_or_path`` is the spec, so it can be rebuilt)."""
+    family, kwargs = parse_tiny_spec(spec)
+    model = tiny_model(family, **kwargs)
+    model.config._name_or_path = spec
+    return model

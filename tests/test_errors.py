@@ -100,7 +100,7 @@ def test_augment_rejected_for_block_expand(anchor):
 def test_existing_checkpoints_are_not_overwritten(anchor, tmp_path, random_ids):
     c = Composer(anchor, strategy="block_expand", num_blocks=1)
     c.fit(random_ids(4, 20), output_dir=str(tmp_path), **FIT)
-    with pytest.raises(ValueError, match="already holds checkpoints; pass resume=True"):
+    with pytest.raises(ValueError, match="already holds an? (unfinished|finished) run.*pass resume=True"):
         Composer(anchor, strategy="block_expand", num_blocks=1).fit(random_ids(4, 20), output_dir=str(tmp_path), **FIT)
 
 

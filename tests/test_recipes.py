@@ -172,3 +172,21 @@ def test_every_recipe_runs_on_tiny_stand_ins(path, tmp_path):
         assert yaml.safe_load((final / "recipe.yaml").read_text())["strategy"] == recipe.config.strategy
         assert set(res["eval"]["perplexity"]) == {"general", "code"}
         assert [h["step"] for h in res["history"]][-1] == 2
+
+
+def test_override_replaces_a_mapping_and_creates_missing_sections(tmp_path):
+    text = BASE + f"eval: {{perplexity: {{code: {TINY_DATA / 'code.txt'}, general: {TINY_DATA / 'general.txt'}}}}}\n"
+    r = load_recipe(_write(tmp_path, text), [f"eval.perplexity={{only: {TINY_DATA / 'code.txt'}}}", "output.dir=x/y"])
+    assert list(r.stages[0].config.eval.perplexity) == ["only"]  # replaced, not merged
+    assert r.stages[0].output_dir == Path("x/y")
+
+
+def test_check_counts_trainable_parameters_per_stage(monkeypatch):
+    from compose.testing import tiny_model
+
+    monkeypatch.chdir(ROOT)
+    recipe = check_recipe(ROOT / "recipes" / "tiny" / "block_expand.yaml")
+    model = tiny_model("llama", hidden=48, layers=4)
+    block = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert recipe.counts["expand"] == 2 * block
+    assert recipe.counts["sft"] == sum(p.numel() for p in model.parameters()) + 2 * block

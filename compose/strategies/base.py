@@ -109,13 +109,11 @@ def get_strategy(name: str) -> type[Strategy]:
 
 
 def make_config(name: str, options: dict[str, Any]) -> StrategyConfig:
-    """Build ``name``'s config from keyword options; an unknown option is a ``ValueError`` naming it."""
-    config_class = get_strategy(name).config_class
-    fields = {f.name for f in dataclasses.fields(config_class) if f.init}
-    unknown = sorted(set(options) - fields)
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(map(repr, unknown))} for strategy {name!r}; "
-            f"accepted: {', '.join(sorted(fields)) or '(none)'}"
-        )
-    return config_class(**options)
+    """Build ``name``'s config from keyword options, checked by :mod:`compose.validation` first.
+
+    An unknown option, a value of the wrong type (``"no"`` for a bool, ``1.7`` for an index)
+    or out of range is an ``OptionError`` (a ``ValueError``) naming it and what is accepted.
+    """
+    from ..validation import validate_strategy_options
+
+    return get_strategy(name).config_class(**validate_strategy_options(name, options))

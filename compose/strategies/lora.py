@@ -107,13 +107,14 @@ class Lora(Strategy):
 
     def save(self, model: nn.Module, directory: Path) -> dict[str, Any]:
         model.save_pretrained(str(directory), safe_serialization=True)
-        return {"adapter": "adapter_model.safetensors"}
+        return {"adapter": "adapter_model.safetensors", "base": _base_signature(model.get_base_model().config)}
 
     def load(self, directory, state, anchor, augments) -> nn.Module:
         import peft
 
         if anchor is None:
             raise ValueError("lora needs its anchor model to load an adapter")
+        _check_base(directory, state.get("base"), anchor.config)
         anchor.requires_grad_(False)
         # is_trainable: a reloaded adapter can be trained further (fit after load).
         return peft.PeftModel.from_pretrained(anchor, str(directory), is_trainable=True)
@@ -124,7 +125,28 @@ class Lora(Strategy):
         merged.save_pretrained(str(directory), safe_serialization=True)
 
 
-def merge_and_export(composer, directory: str | os.PathLike) -> Path:
+_SIGNATURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+
+
+def _base_signature(config) -> dict[str, Any]:
+    """What an adapter's shapes and module names depend on: the base model's family and sizes."""
+    return {k: getattr(config, k, None) for k in _SIGNATURE_KEYS}
+
+
+def _check_base(directory, saved: dict[str, Any] | None, config) -> None:
+    """An adapter trained on one base model must not load silently onto another."""
+    if not saved:
+        return
+    now = _base_signature(config)
+    diff = [f"{k}: adapter {saved.get(k)!r} vs anchor {now[k]!r}" for k in _SIGNATURE_KEYS if saved.get(k) != now[k]]
+    if diff:
+        raise ValueError(
+            f"the LoRA adapter in {directory} was trained on another base model ({'; '.join(diff)}); "
+            "pass the anchor it was trained on (Composer.load(dir, anchor=...))"
+        )
+
+
+def merge_and_export(composer, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Merge a ``lora`` Composer's adapters into a copy of the anchor and save it as a plain checkpoint.
 
     The result (with the tokenizer, when known) loads with ``AutoModelForCausalLM.from_pretrained``
@@ -136,7 +158,7 @@ def merge_and_export(composer, directory: str | os.PathLike) -> Path:
     if composer.strategy_name != "lora":
         raise ValueError(f"merge_and_export needs a lora Composer, got strategy {composer.strategy_name!r}")
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, overwrite=overwrite, what="export directory") as tmp:
         composer.strategy.export(composer.model, tmp)
         if composer.tokenizer is not None:
             composer.tokenizer.save_pretrained(tmp)
