@@ -304,3 +304,26 @@ def test_options_round_trip_through_compose_json(tmp_path):
     assert cfg.lora == NewBlockLora(r=2, alpha=4.0)
     again = BlockExpandConfig(**json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
+
+
+def test_lora_with_gradient_checkpointing_matches(random_ids):
+    runs = []
+    for gc in (False, True):
+        c = Composer(tiny_model("qwen2", seed=9), strategy="block_expand", num_blocks=2, lora={"r": 4})
+        c.fit(random_ids(8, 20), max_steps=2, gradient_checkpointing=gc, **FIT)
+        runs.append({k: v.detach().clone() for k, v in c.trainable_parameters().items()})
+    assert runs[0].keys() == runs[1].keys()
+    for k in runs[0]:
+        torch.testing.assert_close(runs[0][k], runs[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_lora_bf16_model_saves_bf16_merged_copies(random_ids, tmp_path):
+    c = Composer(tiny_model("llama", seed=2), strategy="block_expand", num_blocks=1, dtype="bfloat16", lora={"r": 2})
+    with torch.no_grad():  # stands in for training: non-zero adapters
+        for p in c.trainable_parameters().values():
+            p.normal_(std=0.5)
+    c.save(tmp_path / "out")
+    weights = load_file(tmp_path / "out" / "model.safetensors")
+    merged = weights["model.layers.2.self_attn.o_proj.weight"]
+    assert merged.dtype == torch.bfloat16 and torch.count_nonzero(merged) > 0
+    assert not any("lora" in k for k in weights)
