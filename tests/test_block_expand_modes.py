@@ -117,9 +117,10 @@ def test_train_modules_wildcards_and_strings():
         for m in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.o_proj")
         for p in ("weight", "bias")
     }
-    every = Composer(tiny_model("llama"), strategy="block_expand", num_blocks=1, train_modules="all")
     plain = Composer(tiny_model("llama"), strategy="block_expand", num_blocks=1)
-    assert set(every.trainable_parameters()) == set(plain.trainable_parameters())
+    for every in ("all", ["all"]):
+        c = Composer(tiny_model("llama"), strategy="block_expand", num_blocks=1, train_modules=every)
+        assert set(c.trainable_parameters()) == set(plain.trainable_parameters())
 
 
 def test_lora_inside_train_modules_only():
@@ -327,3 +328,25 @@ def test_lora_bf16_model_saves_bf16_merged_copies(random_ids, tmp_path):
     merged = weights["model.layers.2.self_attn.o_proj.weight"]
     assert merged.dtype == torch.bfloat16 and torch.count_nonzero(merged) > 0
     assert not any("lora" in k for k in weights)
+
+
+@pytest.mark.slow
+def test_forgetting_bench_has_the_lora_row(tmp_path):
+    """bench/forgetting_lora.py --quick: the optional demo row runs end to end."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "r.json"
+    subprocess.run(
+        [sys.executable, str(root / "bench" / "forgetting_lora.py"), "--quick", "--out", str(out)],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=True,
+        capture_output=True,
+    )
+    rows = json.loads(out.read_text())["rows"]
+    row = next(r for r in rows if "LoRA r=16 on new blocks" in r["method"])
+    plain = next(r for r in rows if r["method"].startswith("block_expand") and "LoRA" not in r["method"])
+    assert 0 < row["trainable"] < plain["trainable"]

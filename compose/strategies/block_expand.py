@@ -178,6 +178,8 @@ def _as_patterns(value: Any, option: str, *, allow_all: bool) -> list[str] | Non
             f"{option} must be a list of module paths such as ['mlp'] or ['self_attn.o_proj'], got {value!r}"
         )
     patterns = list(value)
+    if allow_all and patterns == ["all"]:
+        return None
     if not patterns:
         raise ValueError(
             f"{option} is an empty list; give module paths such as ['mlp']" + (" or 'all'" if allow_all else "")
