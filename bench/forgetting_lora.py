@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from compose.demo.common import _markdown
-from compose.demo.forgetting import QUICK_FORGETTING, ForgettingConfig, run_forgetting
+from compose.demo.forgetting import LR_GRID, QUICK_FORGETTING, ForgettingConfig, run_forgetting
 
-LORA_LRS = (1e-2, 3e-2)
+LORA_LRS = LR_GRID  # the grid the demo's own rates were picked from
 
 
 def main(argv: list[str] | None = None) -> dict:
