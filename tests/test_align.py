@@ -24,7 +24,7 @@ from compose.align import (
 from compose.testing import tiny_tokenizer
 
 WORDS = "the a def return if else for in while x y total value key print list hello world it's don't".split()
-ALPHABET = "ab cd ef  the'se 12 345\n.,()-:_x"
+ALPHABET = "ab cd ef  the'se 12 345\n.,()-:_xé→"
 
 
 def corpus(n: int = 400, seed: int = 0) -> list[str]:

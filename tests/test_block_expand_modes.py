@@ -350,3 +350,16 @@ def test_forgetting_bench_has_the_lora_row(tmp_path):
     row = next(r for r in rows if "LoRA r=16 on new blocks" in r["method"])
     plain = next(r for r in rows if r["method"].startswith("block_expand") and "LoRA" not in r["method"])
     assert 0 < row["trainable"] < plain["trainable"]
+
+
+def test_lora_mode_cached_generation_equals_full_forward(random_ids):
+    c = Composer(tiny_model("gemma2", seed=6), strategy="block_expand", num_blocks=2, lora={"r": 4})
+    c.fit(random_ids(8, 20), max_steps=2, **FIT)
+    x = ids(1, 7, seed=8)
+    got = c.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    seq = x
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = c.model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(got, seq)
