@@ -236,6 +236,7 @@ def test_choices_that_could_never_learn_are_refused():
     error(r"output projection.*frozen.*o_proj", train_modules=["self_attn.q_proj"])
     error(r"output projection.*frozen", train_modules=["input_layernorm"])
     error(r"output projection.*frozen", lora={"target_modules": ["q_proj", "v_proj"]})
+    error(r"output projection.*frozen", lora={"target_modules": ["q_proj"], "bias": "all"})
     # in lora mode train_modules must hold linear layers
     error(r"'input_layernorm' holds no linear layer", train_modules=["input_layernorm"], lora={})
     error(

@@ -428,7 +428,7 @@ class BlockExpand(Strategy):
         model.requires_grad_(False)
         blocks = arch.get_blocks(model)
         new = [blocks[i] for i in self.inserted]
-        # Residual outputs are read before adapters wrap them (afterwards the weight lives one level down).
+        # The family's output projections, by path (once adapters wrap them, their weights move one level down).
         residual = arch.get_family(model).residual_outputs
         if self.config.lora is None:
             self._train_parameters(model, new)
@@ -501,13 +501,9 @@ class BlockExpand(Strategy):
         if _lora_layers(model):
             raise ValueError("this model already holds LoRA adapters; block_expand adds its own to the new blocks")
         targets = self._lora_targets(new[0])
-        trains_output = any(t in residual for t in targets)
-        if lora.bias != "none" and not trains_output:
-            # a trained bias on an output projection is enough to break the zero
-            trains_output = lora.bias == "all" and any(
-                name.endswith("bias") for name, _ in arch.residual_output_tensors(model, new[0])
-            )
-        if not trains_output:
+        # An adapter on an output projection is needed: a trained bias alone would leave every adapter's
+        # gradient zero (the projection's weight stays zero).
+        if not any(t in residual for t in targets):
             self._dead_blocks_error(model, "lora (with train_modules / lora.target_modules)")
         prefix = arch.get_family(model).blocks
         full = [f"{prefix}.{i}.{t}" for i in self.inserted for t in targets]
