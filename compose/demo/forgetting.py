@@ -51,6 +51,10 @@ class ForgettingConfig:
     """Adaptation learning rate per strategy; a tuple is a grid: each value is tried and the
     one with the largest code gain kept (per method and setting; never chosen by forgetting)."""
     placements: tuple[str, ...] = ("interleave", "top", "bottom")
+    new_block_lora_r: int = 0
+    """Rank of an optional row "block_expand + LoRA on new blocks" (the first placement, adapters on
+    every linear layer of the copies, alpha = 2 r); 0 skips it. Its learning rate is
+    ``lrs["block_expand_lora"]`` (default: ``lrs["block_expand"]``). bench/forgetting_lora.py runs it."""
     seed: int = 0
 
 
@@ -141,15 +145,27 @@ def run_forgetting(cfg: ForgettingConfig, out: Path) -> dict[str, Any]:
         f"{time.perf_counter() - t:.0f}s: English ppl {before['general']:.3f}, code ppl {before['domain']:.3f}"
     )
 
-    runs: list[tuple[str, str, dict[str, Any]]] = [("full", "full", {})]
+    # (strategy, row label, strategy options, key of cfg.lrs)
+    runs: list[tuple[str, str, dict[str, Any], str]] = [("full", "full", {}, "full")]
     if "lora" in _strategies():
-        runs.append(("lora", f"lora (r={cfg.lora_r})", {"r": cfg.lora_r, "alpha": 2.0 * cfg.lora_r}))
+        runs.append(("lora", f"lora (r={cfg.lora_r})", {"r": cfg.lora_r, "alpha": 2.0 * cfg.lora_r}, "lora"))
     for placement in cfg.placements:
         runs.append(
             (
                 "block_expand",
                 f"block_expand {placement} (+{cfg.new_blocks})",
                 {"num_blocks": cfg.new_blocks, "placement": placement},
+                "block_expand",
+            )
+        )
+    if cfg.new_block_lora_r:
+        r = cfg.new_block_lora_r
+        runs.append(
+            (
+                "block_expand",
+                f"block_expand {cfg.placements[0]} (+{cfg.new_blocks}) + LoRA r={r} on new blocks",
+                {"num_blocks": cfg.new_blocks, "placement": cfg.placements[0], "lora": {"r": r, "alpha": 2.0 * r}},
+                "block_expand_lora" if "block_expand_lora" in cfg.lrs else "block_expand",
             )
         )
     settings = [("code only", code_train)]
@@ -175,8 +191,8 @@ def run_forgetting(cfg: ForgettingConfig, out: Path) -> dict[str, Any]:
     for setting, docs in settings:
         records = codec.records(docs)
         full_gain = None
-        for strategy, label, options in runs:
-            grid = cfg.lrs[strategy]
+        for strategy, label, options, lr_key in runs:
+            grid = cfg.lrs[lr_key]
             grid = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
             best = None
             for lr in grid:
