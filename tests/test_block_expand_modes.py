@@ -297,7 +297,7 @@ def test_bad_options_name_option_and_value(options, match):
 def test_num_blocks_bounded_by_four_per_layer():
     Composer(tiny_model("llama"), strategy="block_expand", num_blocks=16)  # 4 x 4 blocks: the limit
     # refused before any copy is made (10**6 copies used to grow memory without bound)
-    error(r"num_blocks=1000000 is more than 4 x the model's 4 blocks; use num_blocks <= 16", num_blocks=10**6)
+    error(r"num_blocks=1000000 .* 16", num_blocks=10**6)
     error(r"num_blocks=17", placement=[0] * 17, num_blocks=None)
 
 

@@ -239,7 +239,7 @@ class BlockExpandConfig(StrategyConfig):
     num_blocks: int | None = None
     placement: str | list[int] = "interleave"
     train_embeddings: bool = False
-    train_modules: list[str] | None = None
+    train_modules: list[str] | str | None = None
     lora: NewBlockLora | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
