@@ -42,7 +42,6 @@ __all__ = ["CalmForCausalLM"]
 
 #: The output field holding the cache: ``cache`` in current transformers, ``past_key_values`` before.
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
-_IGNORED_FALSY = ("return_dict", "output_attentions", "output_hidden_states", "num_items_in_batch")
 
 
 @functools.cache
@@ -317,14 +316,14 @@ class CalmForCausalLM(PreTrainedModel, GenerationMixin):
 
     @staticmethod
     def _check_extra(kwargs: dict[str, Any], inputs_embeds: torch.Tensor | None) -> None:
+        """Refuse what the composition cannot honour; other keywords (``generate`` passes a few) are ignored."""
         if inputs_embeds is not None:
             raise ValueError(
                 "CALM needs input_ids (the augmenting models read the same tokens); inputs_embeds is not supported"
             )
-        unknown = sorted(k for k, v in kwargs.items() if k not in _IGNORED_FALSY and v is not None)
-        truthy = sorted(k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k))
-        if unknown or truthy:
-            raise TypeError(f"CalmForCausalLM.forward does not support {', '.join(unknown + truthy)}")
+        wanted = sorted(k for k in ("output_attentions", "output_hidden_states") if kwargs.get(k))
+        if wanted:
+            raise ValueError(f"CalmForCausalLM does not return attentions or hidden states ({', '.join(wanted)})")
 
     def forward(
         self,
