@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from test_calm import PAIRS, _compose, _greedy_by_full_forward, _ids, _left_pad, _perturb
 from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
@@ -15,8 +16,6 @@ import compose  # noqa: F401 - registers compose_calm with the Auto classes
 from compose import Composer
 from compose.strategies.calm import CalmCache, CalmConfig, CalmForCausalLM
 from compose.testing import tiny_model, tiny_tokenizer
-
-from test_calm import PAIRS, _compose, _greedy_by_full_forward, _ids, _left_pad, _perturb
 
 
 def _prompt():
