@@ -37,6 +37,7 @@ from .cache import CalmCache
 from .configuration import CalmConfig
 from .layers import CrossConnection, StopForward, Visibility, anchor_input_rms, windowed_visibility
 from .options import INPUT, CalmOptions, anchor_target
+from .training import FrozenBasesMixin
 
 __all__ = ["CalmForCausalLM"]
 
@@ -57,7 +58,7 @@ class _Context:
     visible: list[torch.Tensor]  # one per augmenting model
 
 
-class CalmForCausalLM(PreTrainedModel, GenerationMixin):
+class CalmForCausalLM(FrozenBasesMixin, PreTrainedModel, GenerationMixin):
     """CALM (arXiv 2401.02412): a frozen anchor composed with frozen augmenting models.
 
     Only ``connections`` (one :class:`CrossConnection` per planned connection) trains. Position
@@ -168,61 +169,6 @@ class CalmForCausalLM(PreTrainedModel, GenerationMixin):
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         raise NotImplementedError("the anchor of a CALM composition is frozen; its embeddings cannot be replaced")
-
-    def train(self, mode: bool = True) -> CalmForCausalLM:
-        """Train mode for the connections only; the frozen models stay in eval mode (no dropout).
-
-        With gradient checkpointing on, the anchor's decoder blocks themselves (not their
-        sub-modules, so dropout stays off) get ``training=mode``, because transformers only
-        checkpoints a block in training mode.
-        """
-        self.training = mode
-        self.connections.train(mode)
-        for model in [self.anchor, *self.augments]:
-            model.eval()
-        self.augments.training = False
-        if self._gradient_checkpointing:
-            for block in arch.get_blocks(self.anchor):
-                block.training = mode
-        return self
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Checkpoint the anchor's blocks (non-reentrant by default).
-
-        The connection hooks sit outside the checkpointed ``forward`` (transformers >= 5
-        checkpoints ``forward``, not ``__call__``), so the recomputation does not re-run them;
-        the augmenting models run without grad and need no checkpointing.
-        """
-        block = arch.get_blocks(self.anchor)[0]
-        if not hasattr(type(block).forward, "__wrapped__"):
-            raise RuntimeError(
-                f"{type(block).__name__} does not checkpoint its forward (transformers too old?); "
-                "CALM gradient checkpointing needs transformers >= 5"
-            )
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        if hasattr(self.anchor, "activation_checkpointing_enable"):
-            self.anchor.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            self.anchor.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self._gradient_checkpointing = True
-        self.train(self.training)
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **_: Any) -> None:
-        self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
-
-    def gradient_checkpointing_disable(self) -> None:
-        if hasattr(self.anchor, "activation_checkpointing_disable"):
-            self.anchor.activation_checkpointing_disable()
-        else:
-            self.anchor.gradient_checkpointing_disable()
-        self._gradient_checkpointing = False
-        self.train(self.training)
-
-    activation_checkpointing_disable = gradient_checkpointing_disable
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self._gradient_checkpointing
 
     # ------------------------------------------------------------------ hooks
     def _augment_hook(self, index: int, layer: int, last: bool, module, args, output):
