@@ -224,3 +224,21 @@ def test_no_deprecation_warnings_from_compose_calls(tmp_path):
         m for m in handler.messages if "deprecat" in m.lower()
     ]
     assert not deprecations, deprecations
+
+
+# ---------------------------------------------------------------------------------------------- lm-evaluation-harness
+
+
+def test_lm_eval_hflm_runs_on_the_composition():
+    """``HFLM(pretrained=model)`` needs a real PreTrainedModel (config, tie_weights, device, generate ...)."""
+    huggingface = pytest.importorskip("lm_eval.models.huggingface")
+    from lm_eval.api.instance import Instance
+
+    c = _compose("llama+gpt2")
+    tok = tiny_tokenizer()
+    requests = [Instance("loglikelihood", {}, ("abc", "de"), 0), Instance("loglikelihood", {}, ("hello", " x"), 1)]
+    until = [Instance("generate_until", {}, ("abc", {"until": ["\n"], "max_gen_toks": 5, "do_sample": False}), 0)]
+    ours = huggingface.HFLM(pretrained=c.model, tokenizer=tok, batch_size=2, max_length=64)
+    plain = huggingface.HFLM(pretrained=c.model.anchor, tokenizer=tok, batch_size=2, max_length=64)
+    assert ours.loglikelihood(requests) == plain.loglikelihood(requests)  # identity at init
+    assert ours.generate_until(until) == plain.generate_until(until)
