@@ -242,3 +242,20 @@ def test_lm_eval_hflm_runs_on_the_composition():
     plain = huggingface.HFLM(pretrained=c.model.anchor, tokenizer=tok, batch_size=2, max_length=64)
     assert ours.loglikelihood(requests) == plain.loglikelihood(requests)  # identity at init
     assert ours.generate_until(until) == plain.generate_until(until)
+
+
+def test_directory_saved_before_save_pretrained_still_loads(tmp_path):
+    """The older layout (compose.json + calm.safetensors, no config.json) loads with the models given."""
+    c = _compose("qwen3+llama", window=2)
+    _perturb(c.model)
+    ids = _ids(2, 8)
+    with torch.no_grad():
+        ref = c.model(ids).logits
+    out = c.save(tmp_path / "old")
+    for name in ("config.json", "generation_config.json"):
+        (out / name).unlink()
+    (fa, ka), (fb, kb) = PAIRS["qwen3+llama"]
+    loaded = Composer.load(out, anchor=tiny_model(fa, seed=0, **ka), augment=tiny_model(fb, seed=1, **kb))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, ref)
+    assert isinstance(loaded.model, CalmForCausalLM) and loaded.strategy.plan == c.strategy.plan

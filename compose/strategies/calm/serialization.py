@@ -147,6 +147,8 @@ def load_composition(cls, directory: str | os.PathLike, *, anchor=None, augments
         config = CalmConfig.from_pretrained(path)
     config.check_version(str(path))
     options = {k: kwargs.pop(k) for k in _LOAD_OPTIONS if k in kwargs}
+    if "torch_dtype" in options:  # the older name of dtype
+        options.setdefault("dtype", options.pop("torch_dtype"))
     anchor_model, augment_models = load_bases(config, anchor, augments, str(path), **options)
     model = cls(config, anchor_model, augment_models)
     load_connection_weights(model, path / WEIGHTS_NAME)
