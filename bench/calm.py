@@ -124,7 +124,8 @@ def bench_decode(c: Composer, prefix: int, device: str, steps: int, naive_steps:
     """Per-token decode time through transformers' ``generate`` against the floor (anchor step + augment step).
 
     ``generate`` time per token is ``(t(steps + 1 new tokens) - t(1 new token)) / steps``, so the
-    prompt's prefill cancels. The floor runs the anchor (with its LM head) and the augmenting
+    prompt's prefill cancels. Medians over ``repeat`` interleaved runs; ``floor_ratio`` is the
+    median of the per-run ratios. The floor runs the anchor (with its LM head) and the augmenting
     model's decoder stack (no LM head, as the composition uses it) one cached token at a time.
     """
     m = c.model
@@ -138,14 +139,17 @@ def bench_decode(c: Composer, prefix: int, device: str, steps: int, naive_steps:
         return time.perf_counter() - t
 
     generate(2)  # warm-up
-    ours = statistics.median((generate(steps + 1) - generate(1)) / steps for _ in range(repeat))
-    anchor = _cached_step_time(m.anchor, ids, device, steps, logits_to_keep=1)
-    augment = _cached_step_time(m.augments[0].base_model, ids, device, steps)
+    runs = []
+    for _ in range(repeat):  # interleaved, so that a change in machine load hits all three alike
+        ours = (generate(steps + 1) - generate(1)) / steps
+        anchor = _cached_step_time(m.anchor, ids, device, steps, logits_to_keep=1)
+        augment = _cached_step_time(m.augments[0].base_model, ids, device, steps)
+        runs.append((ours, anchor, augment, (anchor + augment) / ours))
+    ours, anchor, augment, ratio = (statistics.median(r[i] for r in runs) for i in range(4))
     naive = (generate(naive_steps + 1, use_cache=False) - generate(1, use_cache=False)) / naive_steps
-    floor = anchor + augment
     return dict(
-        prefix=prefix, generate_s=ours, anchor_cached_s=anchor, augment_cached_s=augment, floor_s=floor,
-        naive_s=naive, floor_ratio=floor / ours,
+        prefix=prefix, generate_s=ours, anchor_cached_s=anchor, augment_cached_s=augment, floor_s=anchor + augment,
+        naive_s=naive, floor_ratio=ratio,
     )  # fmt: skip
 
 

@@ -100,6 +100,7 @@ class CalmForCausalLM(FrozenBasesMixin, PreTrainedModel, GenerationMixin):
         self.plan: list[tuple[int, int, int | str]] = [
             (int(a), int(la), anchor_target(lb)) for a, la, lb in config.plan
         ]
+        self._check_plan()
         self.options = CalmOptions(**config.options)
         self.visibility: list[Visibility] = [windowed_visibility(self.options.window) for _ in augments]
         self.connections = self._build_connections()
@@ -112,6 +113,15 @@ class CalmForCausalLM(FrozenBasesMixin, PreTrainedModel, GenerationMixin):
         self._register_hooks()
         self.generation_config = copy.deepcopy(anchor.generation_config)
         self.post_init()
+
+    def _check_plan(self) -> None:
+        n_anchor, n_augs = arch.num_layers(self.anchor), [arch.num_layers(a) for a in self.augments]
+        for a, la, lb in self.plan:
+            if not (0 <= a < len(n_augs) and 0 <= la < n_augs[a] and (lb == INPUT or 0 <= lb < n_anchor)):
+                raise ValueError(
+                    f"connection {[a, la, lb]} of the config's plan does not fit the models: the anchor has "
+                    f"{n_anchor} layers, the augmenting models have {n_augs}"
+                )
 
     def _build_connections(self) -> nn.ModuleList:
         d_anchor = arch.hidden_size(self.anchor)
