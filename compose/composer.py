@@ -268,7 +268,7 @@ class Composer:
         if not directory.is_dir():
             raise FileNotFoundError(f"{directory} does not exist or is not a directory")
         if not meta_path.is_file() and _is_calm_directory(directory):
-            return cls._load_calm_pretrained(directory, anchor, augment, tokenizer, dtype)
+            return cls._load_calm_pretrained(directory, anchor, augment, tokenizer, dtype, copy_model)
         if not meta_path.is_file():
             raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: it was not written by Composer.save")
         meta = read_json(meta_path)
@@ -301,11 +301,17 @@ class Composer:
         return self
 
     @classmethod
-    def _load_calm_pretrained(cls, directory: Path, anchor: Any, augment: Any, tokenizer: Any, dtype: Any) -> Composer:
+    def _load_calm_pretrained(
+        cls, directory: Path, anchor: Any, augment: Any, tokenizer: Any, dtype: Any, copy_model: bool
+    ) -> Composer:
         """A Composer around ``CalmForCausalLM.from_pretrained(directory)`` (a ``save_pretrained`` directory)."""
         from .strategies.calm import CalmForCausalLM, CalmOptions
 
+        def own(m):  # the caller's model objects are never mutated unless copy_model=False
+            return copy.deepcopy(m) if copy_model and isinstance(m, PreTrainedModel) else m
+
         augments = None if augment is None else list(augment) if isinstance(augment, (list, tuple)) else [augment]
+        anchor, augments = own(anchor), None if augments is None else [own(a) for a in augments]
         options = {"dtype": _as_dtype(dtype)} if dtype is not None else {}
         model = CalmForCausalLM.from_pretrained(directory, anchor=anchor, augments=augments, **options)
         self = cls.__new__(cls)

@@ -375,7 +375,8 @@ class CalmForCausalLM(FrozenBasesMixin, PreTrainedModel, GenerationMixin):
     ) -> CalmForCausalLM:
         """Load the base models named in the config (or ``anchor=`` / ``augments=``), then the composition.
 
-        ``dtype`` / ``device_map`` and other loading options go to the base models. A base model
+        ``dtype`` / ``device_map`` and other loading options go to the base models. Model objects
+        passed as ``anchor`` / ``augments`` are used as they are (frozen and hooked), not copied. A base model
         whose fingerprint differs from the one saved, or a directory from a newer compose, is
         a ``ValueError``; a base model that cannot be found is an ``OSError`` naming it.
         """
