@@ -7,9 +7,11 @@ Measures, on random-weight models of the given shapes (speed and memory do not d
 the weights):
 
 (a) composed forward time / (anchor forward + augmenting forward), batch x seq tokens, no grad;
-(b) per-token decode time at two prefix lengths, batch 1: our cached decode (each model keeps
-    its KV cache, projected keys/values cached per connection), the anchor alone with its
-    cache, and a naive decode that re-runs the full composed forward every step;
+(b) per-token decode time at two prefix lengths, batch 1, greedy: transformers' ``generate`` on
+    the composition (over its composite cache: each model's KV cache plus the projected
+    keys/values per connection), against the floor (one cached step of the anchor plus one of
+    the augmenting model's decoder stack, measured in the same run) and against ``generate``
+    with ``use_cache=False`` (the full composed forward every step);
 (c) peak memory of one training step (forward, backward, AdamW step over the connections)
     against anchor-only inference of the same batch. GPU: ``torch.cuda.max_memory_allocated``.
     CPU: peak resident set size sampled every millisecond in a fresh subprocess per
@@ -100,40 +102,55 @@ def bench_forward(c: Composer, shape: dict, device: str, repeat: int) -> dict:
     return dict(composed_s=composed, anchor_s=anchor, augment_s=augment, ratio=composed / (anchor + augment))
 
 
-@torch.no_grad()
-def bench_decode(c: Composer, prefix: int, device: str, steps: int, naive_steps: int) -> dict:
-    m = c.model
-    ids = torch.randint(3, 32000, (1, prefix), device=device)
+def _cached_step_time(model, ids: torch.Tensor, device: str, steps: int, **kwargs) -> float:
+    """Per-token time of ``model`` (a transformers model) fed one token at a time over its own cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
     mask = torch.ones_like(ids)
-
-    def cached(model_fn):
-        out = model_fn(ids, mask, None)
-        cache, cur_mask = out.past_key_values, mask
-        nxt = out.logits[:, -1:].argmax(-1)
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(steps):
-            cur_mask = torch.cat([cur_mask, cur_mask.new_ones(1, 1)], 1)
-            out = model_fn(nxt, cur_mask, cache)
-            cache = out.past_key_values
-            nxt = out.logits[:, -1:].argmax(-1)
-        sync(device)
-        return (time.perf_counter() - t) / steps
-
-    ours = cached(lambda i, a, p: m(i, attention_mask=a, past_key_values=p, use_cache=True, logits_to_keep=1))
-    anchor = cached(lambda i, a, p: m.anchor(i, attention_mask=a, past_key_values=p, use_cache=True, logits_to_keep=1))
-
-    seq, seq_mask = ids, mask
-    m(seq, attention_mask=seq_mask, logits_to_keep=1)  # warm-up
+    model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, **kwargs)
+    token = ids[:, -1:]
     sync(device)
     t = time.perf_counter()
-    for _ in range(naive_steps):
-        nxt = m(seq, attention_mask=seq_mask, logits_to_keep=1).logits[:, -1:].argmax(-1)
-        seq = torch.cat([seq, nxt], 1)
-        seq_mask = torch.cat([seq_mask, seq_mask.new_ones(1, 1)], 1)
+    for _ in range(steps):
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True, **kwargs)
     sync(device)
-    naive = (time.perf_counter() - t) / naive_steps
-    return dict(prefix=prefix, cached_s=ours, anchor_cached_s=anchor, naive_s=naive)
+    return (time.perf_counter() - t) / steps
+
+
+@torch.no_grad()
+def bench_decode(c: Composer, prefix: int, device: str, steps: int, naive_steps: int, repeat: int) -> dict:
+    """Per-token decode time through transformers' ``generate`` against the floor (anchor step + augment step).
+
+    ``generate`` time per token is ``(t(steps + 1 new tokens) - t(1 new token)) / steps``, so the
+    prompt's prefill cancels. Medians over ``repeat`` interleaved runs; ``floor_ratio`` is the
+    median of the per-run ratios. The floor runs the anchor (with its LM head) and the augmenting
+    model's decoder stack (no LM head, as the composition uses it) one cached token at a time.
+    """
+    m = c.model
+    ids = torch.randint(3, 32000, (1, prefix), device=device)
+
+    def generate(n: int, **kw) -> float:
+        sync(device)
+        t = time.perf_counter()
+        m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+        sync(device)
+        return time.perf_counter() - t
+
+    generate(2)  # warm-up
+    runs = []
+    for _ in range(repeat):  # interleaved, so that a change in machine load hits all three alike
+        ours = (generate(steps + 1) - generate(1)) / steps
+        anchor = _cached_step_time(m.anchor, ids, device, steps, logits_to_keep=1)
+        augment = _cached_step_time(m.augments[0].base_model, ids, device, steps)
+        runs.append((ours, anchor, augment, (anchor + augment) / ours))
+    ours, anchor, augment, ratio = (statistics.median(r[i] for r in runs) for i in range(4))
+    naive = (generate(naive_steps + 1, use_cache=False) - generate(1, use_cache=False)) / naive_steps
+    return dict(
+        prefix=prefix, generate_s=ours, anchor_cached_s=anchor, augment_cached_s=augment, floor_s=anchor + augment,
+        naive_s=naive, floor_ratio=ratio,
+    )  # fmt: skip
 
 
 def _step(c: Composer, shape: dict, device: str, what: str) -> None:
@@ -211,6 +228,7 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="LLaMA-1.1B-shape anchor + 150M augment, bf16, on CUDA")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     ap.add_argument("--repeat", type=int, default=None, help="timed repetitions of each forward (median)")
+    ap.add_argument("--only", choices=["forward", "decode", "memory"], default=None, help="run one measurement only")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--shape", default="cpu", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -232,10 +250,20 @@ def main() -> None:
     n_anchor = sum(p.numel() for p in c.model.anchor.parameters())
 
     t0 = time.perf_counter()
-    fwd = bench_forward(c, shape, device, repeat)
-    decode = [bench_decode(c, p, device, steps=16 if args.gpu else 8, naive_steps=4 if args.gpu else 2)
-              for p in shape["prefixes"]]  # fmt: skip
-    mem = bench_memory(c, shape_name, device)
+    run = {args.only} if args.only else {"forward", "decode", "memory"}
+    nan = float("nan")
+    fwd = (
+        bench_forward(c, shape, device, repeat)
+        if "forward" in run
+        else dict(composed_s=nan, anchor_s=nan, augment_s=nan, ratio=nan)
+    )
+    decode = [bench_decode(c, p, device, steps=32 if args.gpu else 16, naive_steps=4 if args.gpu else 2, repeat=repeat)
+              for p in shape["prefixes"]] if "decode" in run else []  # fmt: skip
+    mem = (
+        bench_memory(c, shape_name, device)
+        if "memory" in run
+        else dict(train_step=nan, anchor_inference=nan, ratio=nan)
+    )
     elapsed = time.perf_counter() - t0
 
     machine = torch.cuda.get_device_name() if args.gpu else f"{platform.processor() or platform.machine()}, " \
@@ -259,8 +287,10 @@ def main() -> None:
     ]
     for d in decode:
         rows.append(
-            f"| decode per token, prefix {d['prefix']}: ours cached / anchor cached / naive full forward | "
-            f"{d['cached_s'] * ms:.1f} / {d['anchor_cached_s'] * ms:.1f} / {d['naive_s'] * ms:.1f} ms |"
+            f"| decode per token, prefix {d['prefix']}: generate / floor (anchor + augment cached step) / "
+            f"naive full forward | {d['generate_s'] * ms:.1f} / {d['floor_s'] * ms:.1f} "
+            f"({d['anchor_cached_s'] * ms:.1f} + {d['augment_cached_s'] * ms:.1f}) / {d['naive_s'] * ms:.1f} ms; "
+            f"floor / generate = **{d['floor_ratio']:.2f}** |"
         )
     rows.append(
         f"| peak memory, batch {shape['batch']} x {shape['seq']}: training step / anchor-only inference | "

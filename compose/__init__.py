@@ -1,6 +1,10 @@
 """compose: teach a pretrained LLM new skills without breaking the old ones.
 
 Augment a frozen anchor model with block expansion (LLaMA Pro) or CALM composition.
+
+Importing ``compose`` registers the CALM composition (``model_type="compose_calm"``) with
+transformers' ``AutoConfig`` and ``AutoModelForCausalLM``, so a saved composition loads with
+``AutoModelForCausalLM.from_pretrained(directory)``.
 """
 
 __version__ = "0.1.0"
@@ -8,6 +12,7 @@ __version__ = "0.1.0"
 from .composer import Composer, load_model  # noqa: E402
 from .recipe import check_recipe, load_recipe, run_recipe  # noqa: E402
 from .strategies import STRATEGIES, Strategy, StrategyConfig, register  # noqa: E402
+from .strategies.calm import CalmConfig, CalmForCausalLM  # noqa: E402 - registers the Auto classes
 
 __all__ = [
     "Composer",
@@ -16,6 +21,8 @@ __all__ = [
     "Strategy",
     "StrategyConfig",
     "register",
+    "CalmConfig",
+    "CalmForCausalLM",
     "load_recipe",
     "check_recipe",
     "run_recipe",

@@ -95,6 +95,11 @@ def load_model(
     return model, src
 
 
+def _is_calm_directory(directory: Path) -> bool:
+    config = directory / "config.json"
+    return config.is_file() and read_json(config).get("model_type") == "compose_calm"
+
+
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -359,7 +364,15 @@ class Composer:
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-        """``transformers`` ``generate`` on the composed model (greedy, sampling, ``max_new_tokens`` ...)."""
+        """``transformers``' own ``generate`` on the composed model, in eval mode.
+
+        Every strategy's model is a transformers model (``calm``: ``CalmForCausalLM`` over its
+        composite cache), so every ``generate`` option works: sampling, beam search,
+        ``min_new_tokens``, ``repetition_penalty``, ``stop_strings`` (with ``tokenizer=``; the
+        Composer's tokenizer is passed when it has one), streamers, ``return_dict_in_generate``.
+        """
+        if "stop_strings" in kwargs and "tokenizer" not in kwargs and self.tokenizer is not None:
+            kwargs["tokenizer"] = self.tokenizer
         was_training = self.model.training
         self.model.eval()
         try:
@@ -428,6 +441,8 @@ class Composer:
         meta_path = directory / CONFIG_NAME
         if not directory.is_dir():
             raise FileNotFoundError(f"{directory} does not exist or is not a directory")
+        if not meta_path.is_file() and _is_calm_directory(directory):
+            return cls._load_calm_pretrained(directory, anchor, augment, tokenizer, dtype, copy_model)
         if not meta_path.is_file():
             raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: it was not written by Composer.save")
         meta = read_json(meta_path)
@@ -456,6 +471,31 @@ class Composer:
         if dtype is not None and anchor_model is None:
             self.model.to(dtype=_as_dtype(dtype))
         self.model.eval()
+        self.tokenizer = self._resolve_tokenizer(tokenizer, [str(directory), self.anchor_source])
+        return self
+
+    @classmethod
+    def _load_calm_pretrained(
+        cls, directory: Path, anchor: Any, augment: Any, tokenizer: Any, dtype: Any, copy_model: bool
+    ) -> Composer:
+        """A Composer around ``CalmForCausalLM.from_pretrained(directory)`` (a ``save_pretrained`` directory)."""
+        from .strategies.calm import CalmForCausalLM, CalmOptions
+
+        def own(m):  # the caller's model objects are never mutated unless copy_model=False
+            return copy.deepcopy(m) if copy_model and isinstance(m, PreTrainedModel) else m
+
+        augments = None if augment is None else list(augment) if isinstance(augment, (list, tuple)) else [augment]
+        anchor, augments = own(anchor), None if augments is None else [own(a) for a in augments]
+        options = {"dtype": _as_dtype(dtype)} if dtype is not None else {}
+        model = CalmForCausalLM.from_pretrained(directory, anchor=anchor, augments=augments, **options)
+        self = cls.__new__(cls)
+        self.strategy_name = "calm"
+        self.strategy = get_strategy("calm")(CalmOptions(**model.config.options))
+        self.strategy.plan = list(model.plan)
+        self.history = []
+        self.model = model
+        self.anchor_source = model.config.anchor
+        self.augment_sources = list(model.config.augments)
         self.tokenizer = self._resolve_tokenizer(tokenizer, [str(directory), self.anchor_source])
         return self
 

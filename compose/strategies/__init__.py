@@ -2,7 +2,7 @@
 
 from .base import STRATEGIES, Strategy, StrategyConfig, get_strategy, make_config, register
 from .block_expand import BlockExpand, BlockExpandConfig
-from .calm import Calm, CalmConfig, CalmModel
+from .calm import Calm, CalmConfig, CalmForCausalLM, CalmModel, CalmOptions
 from .full import Full, FullConfig
 from .lora import Lora, LoraConfig, merge_and_export
 
@@ -18,6 +18,8 @@ __all__ = [
     "Calm",
     "CalmConfig",
     "CalmModel",
+    "CalmForCausalLM",
+    "CalmOptions",
     "Full",
     "FullConfig",
     "Lora",
