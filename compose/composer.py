@@ -19,6 +19,7 @@ from .io import (
     LOCK_NAME,
     RUN_MARKER,
     atomic_directory,
+    check_safetensors,
     mark_complete,
     output_lock,
     prepare_run_directory,
@@ -33,6 +34,8 @@ from .validation import (
     check_strategy_against_model,
     check_token_ids,
     check_tokenizer_vocabulary,
+    validate_generate_inputs,
+    validate_generate_options,
     validate_strategy_options,
     validate_train_options,
     vocab_size,
@@ -371,6 +374,10 @@ class Composer:
         ``min_new_tokens``, ``repetition_penalty``, ``stop_strings`` (with ``tokenizer=``; the
         Composer's tokenizer is passed when it has one), streamers, ``return_dict_in_generate``.
         """
+        validate_generate_inputs(input_ids, attention_mask, vocab=vocab_size(self.model))
+        kwargs = validate_generate_options(
+            kwargs, prompt_length=input_ids.shape[-1], max_positions=arch.max_positions(self.model.config)
+        )
         if "stop_strings" in kwargs and "tokenizer" not in kwargs and self.tokenizer is not None:
             kwargs["tokenizer"] = self.tokenizer
         was_training = self.model.training
@@ -441,6 +448,9 @@ class Composer:
         meta_path = directory / CONFIG_NAME
         if not directory.is_dir():
             raise FileNotFoundError(f"{directory} does not exist or is not a directory")
+        recover_directory(directory)
+        for weights in sorted(directory.glob("*.safetensors")):
+            check_safetensors(weights)
         if not meta_path.is_file() and _is_calm_directory(directory):
             return cls._load_calm_pretrained(directory, anchor, augment, tokenizer, dtype, copy_model)
         if not meta_path.is_file():
@@ -470,8 +480,11 @@ class Composer:
         self.model = self.strategy.load(directory, meta.get("state", {}), anchor_model, augments)
         if dtype is not None and anchor_model is None:
             self.model.to(dtype=_as_dtype(dtype))
+        if anchor_model is not None:
+            self._base_configs = [anchor_model.config] + [m.config for m in augments]
         self.model.eval()
         self.tokenizer = self._resolve_tokenizer(tokenizer, [str(directory), self.anchor_source])
+        check_tokenizer_vocabulary(self.tokenizer, self.model)
         return self
 
     @classmethod

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .data import build_blocks, load_records
+from .harness import lm_eval
 from .train import eval_loss_sums
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ __all__ = [
     "plot_history",
     "plot_perplexity",
     "plot_forgetting",
+    "lm_eval",
 ]
 
 

@@ -66,10 +66,7 @@ def anchor_scores():
         os.chdir(cwd)
 
 
-CALM_XFAIL = pytest.mark.xfail(strict=True, reason="CalmModel is not a PreTrainedModel yet")
-
-
-@pytest.mark.parametrize("strategy", ["block_expand", "lora", "full", pytest.param("calm", marks=CALM_XFAIL)])
+@pytest.mark.parametrize("strategy", ["block_expand", "lora", "full", "calm"])
 def test_local_tasks_run_on_every_strategy(strategy, anchor_scores):
     c = _composer(strategy)
     calls = _count_calls(_strategy_module(c))
