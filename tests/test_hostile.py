@@ -371,6 +371,27 @@ def test_bad_generation_option(options, named):
         validate_generate_options(options, prompt_length=8, max_positions=128)
 
 
+@pytest.mark.parametrize(
+    "options,mask,named",
+    [
+        ({"max_new_tokens": 10**9}, None, "max_new_tokens=1000000000"),
+        ({"max_new_tokens": 2, "num_beams": 0}, None, "num_beams"),
+        ({"max_new_tokens": 2}, [[0, 1, 1, 1, 1, 0]], "padding"),
+        ({"max_new_tokens": 2}, [[1, 1, 1, 1, 1, 0]], "padding"),
+    ],
+)
+def test_composer_generate_checks_options_and_padding_before_decoding(expand, options, mask, named):
+    ids = torch.randint(3, 90, (1, 6))
+    mask = None if mask is None else torch.tensor(mask)
+    with pytest.raises(OptionError, match=named):
+        expand.generate(ids, attention_mask=mask, **options)
+
+
+def test_composer_generate_refuses_ids_outside_the_vocabulary(expand):
+    with pytest.raises(OptionError, match="input_ids"):
+        expand.generate(torch.tensor([[1, 2, 10**6]]), max_new_tokens=2)
+
+
 def test_good_generation_options_pass():
     out = validate_generate_options(
         {"max_new_tokens": 120, "temperature": 1, "pad_token_id": 0}, prompt_length=8, max_positions=128
