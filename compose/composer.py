@@ -189,7 +189,16 @@ class Composer:
         from .train import TrainConfig, train
 
         config = TrainConfig.from_kwargs(**train_options)
-        self.history = train(self, train_data, eval_data, config)
+
+        def save_model(model: nn.Module, directory: Path) -> None:
+            self.model = model
+            self.save(directory)
+
+        result = train(
+            self.model, train_data, eval_data, config, tokenizer=self.tokenizer, save_model=save_model,
+            desc=f"fit {self.strategy_name}",
+        )  # fmt: skip
+        self.model, self.history = result.model, result.history
         return self
 
     def evaluate(self, eval_data: Any, *, batch_size: int = 8, seq_len: int | None = None, **kwargs: Any) -> dict:
