@@ -559,6 +559,7 @@ class _Run:
     resumed_from: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     trackers: list[str] | None = None
+    skeleton: nn.Module | None = None
     bar: Any = None
     t0: float = field(default_factory=time.perf_counter)
 
@@ -637,7 +638,7 @@ def _make_accelerator(config: TrainConfig, output_dir: Path | None):
         # accelerate keeps one process-wide state and refuses a second precision; the process
         # group (PartialState) is kept, only the precision settings are dropped.
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(
+    accelerator = Accelerator(
         # Without this, processes started by torchrun / `accelerate launch --multi_gpu` on a
         # machine with no GPU would each train alone instead of joining a gloo group.
         cpu=not _has_accelerator(),
@@ -645,6 +646,31 @@ def _make_accelerator(config: TrainConfig, output_dir: Path | None):
         log_with=_trackers(config),
         project_dir=str(output_dir) if output_dir else None,
     )
+    _fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """Honour an FSDP launch (``ACCELERATE_USE_FSDP``) on a machine without GPUs.
+
+    accelerate 1.x only turns a launch into FSDP from its multi-GPU modes; on CPU the
+    processes join a gloo group as MULTI_CPU and the FSDP settings are silently dropped
+    (plain DDP). The FSDP2 code (``fully_shard``) itself runs on CPU with gloo, so the
+    accelerate state is switched to FSDP with the plugin read from the same environment.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    wants = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wants or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ValueError(
+            "FSDP on a machine without GPUs needs fsdp_version: 2 (FSDP1 has no CPU path); "
+            "set it in the accelerate config or pass --fsdp_version 2"
+        )
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def _make_data(model, train_data, eval_data, tokenizer, config: TrainConfig, rank: int, world: int):
@@ -710,6 +736,7 @@ def _setup(model, train_data, eval_data, config: TrainConfig, tokenizer, desc: s
     optimizer = torch.optim.AdamW(
         groups, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps, fused=fused or None
     )
+    skeleton = _meta_skeleton(model) if accelerator.distributed_type == DistributedType.FSDP else None
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     scheduler = make_scheduler(optimizer, config)
     unwrapped = accelerator.unwrap_model(wrapped)
@@ -730,8 +757,22 @@ def _setup(model, train_data, eval_data, config: TrainConfig, tokenizer, desc: s
         autocast = lambda: torch.autocast(accelerator.device.type, dtype=low)  # noqa: E731
     return _Run(
         config, unwrapped, accelerator, wrapped, optimizer, scheduler, batches, eval_blocks, loss_fn, autocast,
-        output_dir, sharded, desc, trackers=_trackers(config),
+        output_dir, sharded, desc, trackers=_trackers(config), skeleton=skeleton,
     )  # fmt: skip
+
+
+def _meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters are on the meta device (no memory), buffers real.
+
+    FSDP2 turns the model itself into a sharded module whose ``state_dict`` always yields
+    shards; the final full weights are loaded into this plain copy on the main process.
+    """
+    import copy
+
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
 
 
 def _resume(run: _Run, candidates: list[Path]) -> None:
@@ -999,6 +1040,16 @@ def _sigint_deferred(run: _Run):
         signal.signal(signal.SIGINT, previous)
 
 
+def _fill_skeleton(skeleton: nn.Module, full: dict[str, torch.Tensor]) -> nn.Module:
+    skeleton.load_state_dict(full, strict=False, assign=True)
+    missing = [n for n, p in skeleton.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"the gathered FSDP state has no values for {missing[:5]}: cannot save the final model")
+    if hasattr(skeleton, "tie_weights"):
+        skeleton.tie_weights()
+    return skeleton.eval()
+
+
 def _close(run: _Run) -> None:
     if run.bar is not None:
         run.bar.close()
@@ -1018,8 +1069,13 @@ def _finish(run: _Run, save_model: Callable[[nn.Module, Path], Any] | None) -> N
         return
     run.accelerator.wait_for_everyone()
     if run.sharded:
-        full = run.accelerator.get_state_dict(run.wrapped)  # collective: the main process gets everything
-        if run.main:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # collective: the main process gets the full weights, frozen ones included
+        full = get_model_state_dict(run.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if run.main and run.skeleton is not None:
+            model = run.model = _fill_skeleton(run.skeleton, full)
+        elif run.main:
             model.load_state_dict(full, strict=False, assign=True)
     bad = _first_nonfinite({n: p for n, p in model.named_parameters() if p.requires_grad}) if run.main else None
     if _any_rank(run, bad is not None):

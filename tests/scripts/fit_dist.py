@@ -1,0 +1,56 @@
+"""Train a tiny composed model (block_expand or calm); run as a subprocess by the distributed,
+streaming and fault tests, alone or under ``accelerate launch``."""
+
+import argparse
+import time
+
+import torch
+
+from compose import Composer
+from compose.testing import tiny_model
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--strategy", default="block_expand", choices=["block_expand", "calm"])
+parser.add_argument("--steps", type=int, default=6)
+parser.add_argument("--batch-size", type=int, default=2)
+parser.add_argument("--save-every", type=int, default=1)
+parser.add_argument("--sleep", type=float, default=0.0)
+parser.add_argument("--resume", action="store_true")
+parser.add_argument("--streaming", action="store_true")
+parser.add_argument("--shards", type=int, default=2)
+parser.add_argument("--report", action="store_true")
+args = parser.parse_args()
+
+torch.set_num_threads(1)
+rows = [torch.randint(3, 96, (24,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(32)]
+if args.streaming:
+    import datasets
+
+    data = datasets.Dataset.from_dict({"input_ids": rows}).to_iterable_dataset(num_shards=args.shards)
+else:
+    data = [{"input_ids": r} for r in rows]
+if args.strategy == "calm":
+    c = Composer(tiny_model("llama", seed=0), tiny_model("llama", seed=1, layers=2), strategy="calm", every=2)
+else:
+    c = Composer(tiny_model("llama", seed=0), strategy="block_expand", num_blocks=2)
+c.fit(
+    data,
+    max_steps=args.steps,
+    learning_rate=1e-2,
+    batch_size=args.batch_size,
+    seq_len=16,
+    warmup_ratio=0.0,
+    save_every=args.save_every,
+    keep_checkpoints=100,
+    output_dir=args.out,
+    resume=args.resume,
+    streaming=args.streaming,
+    progress=False,
+    report_to=None,
+    callbacks=[lambda step, metrics: time.sleep(args.sleep)],
+)
+if args.report:
+    from accelerate.state import AcceleratorState
+
+    print("compose-test:", AcceleratorState().distributed_type, type(c.model).__name__, flush=True)
