@@ -736,7 +736,10 @@ def _setup(model, train_data, eval_data, config: TrainConfig, tokenizer, desc: s
     optimizer = torch.optim.AdamW(
         groups, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps, fused=fused or None
     )
-    skeleton = _meta_skeleton(model) if accelerator.distributed_type == DistributedType.FSDP else None
+    skeleton = None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        _fsdp_buffer_loading(accelerator, model)
+        skeleton = _meta_skeleton(model)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     scheduler = make_scheduler(optimizer, config)
     unwrapped = accelerator.unwrap_model(wrapped)
@@ -759,6 +762,19 @@ def _setup(model, train_data, eval_data, config: TrainConfig, tokenizer, desc: s
         config, unwrapped, accelerator, wrapped, optimizer, scheduler, batches, eval_blocks, loss_fn, autocast,
         output_dir, sharded, desc, trackers=_trackers(config), skeleton=skeleton,
     )  # fmt: skip
+
+
+def _fsdp_buffer_loading(accelerator, model: nn.Module) -> None:
+    """accelerate's FSDP2 ``cpu_ram_efficient_loading`` assumes every state-dict entry is a sharded
+    parameter and fails on persistent buffers (CALM's per-connection ``scale``). compose has the
+    full model on every process anyway, so that broadcast is switched off for such models."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or not getattr(plugin, "cpu_ram_efficient_loading", False):
+        return
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = [n for n in model.state_dict() if n not in params]
+    if buffers:
+        plugin.cpu_ram_efficient_loading = False
 
 
 def _meta_skeleton(model: nn.Module) -> nn.Module:
