@@ -691,6 +691,26 @@ def _make_data(model, train_data, eval_data, tokenizer, config: TrainConfig, ran
         reset_position_ids=config.reset_position_ids,
     )
     extra = dict(num_proc=config.num_proc, cache_dir=config.data_cache_dir)
+    with _datasets_progress(config.progress):
+        return _build_data(train_data, eval_data, tokenizer, config, rank, world, opts, extra)
+
+
+@contextlib.contextmanager
+def _datasets_progress(show: bool):
+    """``progress=False`` also silences datasets' tokenize/pack bars."""
+    import datasets as ds_tqdm
+
+    was_on = not ds_tqdm.are_progress_bars_disabled()
+    if not show and was_on:
+        ds_tqdm.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not show and was_on:
+            ds_tqdm.enable_progress_bars()
+
+
+def _build_data(train_data, eval_data, tokenizer, config: TrainConfig, rank: int, world: int, opts, extra):
     if config.streaming:
         if config.data_cache_dir is not None:
             check_cache_dir(config.data_cache_dir)
@@ -910,7 +930,9 @@ def _train_step(run: _Run) -> dict[str, float]:
         entry["skipped_steps"] = run.skipped
     else:
         run.optimizer.step()
-    run.scheduler.step()
+    with warnings.catch_warnings():  # a skipped step still advances the schedule
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning)
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
     run.consistent = True
@@ -988,7 +1010,8 @@ def _gather_state(run: _Run) -> dict[str, Any]:
         from accelerate.utils import gather_object
 
         data = gather_object(data)
-    model = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.items()}
+    names = {n for n, p in run.model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    model = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.items() if k in names}
     return {"model": model, "optimizer": optimizer, "data": {"ranks": _jsonable(data)}}
 
 

@@ -2,7 +2,10 @@
 streaming and fault tests, alone or under ``accelerate launch``."""
 
 import argparse
+import os
+import signal
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,6 +26,44 @@ parser.add_argument("--report", action="store_true")
 args = parser.parse_args()
 
 torch.set_num_threads(1)
+
+
+def install_kill_point(point: str) -> None:
+    """SIGKILL this process at a named point of checkpoint or final-model writing."""
+    import compose.composer
+    import compose.train
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    real_replace, real_train_json, real_composer_json = (
+        os.replace,
+        compose.train.write_json,
+        compose.composer.write_json,
+    )
+
+    def train_json(path, obj):  # inside step 3's checkpoint, after the weights, before the rest
+        if point == "checkpoint-write" and Path(path).name == "optimizer.json" and "step-0000003" in str(path):
+            die()
+        real_train_json(path, obj)
+
+    def composer_json(path, obj):  # inside the final save, after the weights, before compose.json
+        if point == "final-write" and ".final.tmp" in str(path):
+            die()
+        real_composer_json(path, obj)
+
+    def replace(src, dst):
+        if point == "checkpoint-rename" and Path(dst).name == "step-0000003":
+            die()  # step 3 fully written under its hidden name, not renamed
+        real_replace(src, dst)
+        if point == "final-rename" and Path(dst).name.startswith(".final.old"):
+            die()  # the old final moved aside, the new one not yet in place
+
+    compose.train.write_json, compose.composer.write_json, os.replace = train_json, composer_json, replace
+
+
+if os.environ.get("COMPOSE_TEST_KILL"):
+    install_kill_point(os.environ["COMPOSE_TEST_KILL"])
 rows = [torch.randint(3, 96, (24,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(32)]
 if args.streaming:
     import datasets
