@@ -274,7 +274,7 @@ class _Pack:
         pairs = zip(batch["input_ids"], batch["labels"])
         docs = [(np.asarray(i, dtype=np.int64), np.asarray(lab, dtype=np.int64)) for i, lab in pairs]
         docs = [(i, lab) for i, lab in docs if len(i)]
-        out: dict[str, list] = {"input_ids": [], "labels": []}
+        out: dict[str, list] = {"input_ids": [], "labels": [], "targets": []}
         if self.reset:
             out["position_ids"] = []
         if not docs:
@@ -293,15 +293,18 @@ class _Pack:
     def _emit(self, out, ids, labels, positions) -> None:
         out["input_ids"].append(ids)
         out["labels"].append(labels)
+        out["targets"].append(int((labels != IGNORE).sum()))
         if self.reset:
             out["position_ids"].append(positions)
 
 
-def _features(reset_position_ids: bool):
+def _features(reset_position_ids: bool, packed: bool = False):
     import datasets
 
     seq = datasets.Sequence(datasets.Value("int32"))
     cols = {"input_ids": seq, "labels": seq}
+    if packed:
+        cols["targets"] = datasets.Value("int32")  # tokens with a label, per block
     if reset_position_ids:
         cols["position_ids"] = seq
     return datasets.Features(cols)
@@ -325,7 +328,8 @@ class TokenBlocks(TorchDataset):
         keep = attention_mask.bool()
         cols = {"input_ids": [r[k].tolist() for r, k in zip(input_ids, keep)]}
         cols["labels"] = [r[k].tolist() for r, k in zip(labels, keep)]
-        return cls(datasets.Dataset.from_dict(cols, features=_features(False)), input_ids.shape[1], pad)
+        cols["targets"] = [int((r[k] != IGNORE).sum()) for r, k in zip(labels, keep)]
+        return cls(datasets.Dataset.from_dict(cols, features=_features(False, packed=True)), input_ids.shape[1], pad)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -361,16 +365,19 @@ class TokenBlocks(TorchDataset):
         return int(pc.sum(lengths).as_py() or 0)
 
     def num_targets(self) -> int:
-        """Tokens with a label (not ``-100``), counted one Arrow record batch at a time."""
+        """Tokens with a label (not ``-100``), from the per-block counts the packing map wrote."""
         import pyarrow.compute as pc
 
-        total = 0
-        for chunk in self.dataset.data.column("labels").chunks:
-            total += int(pc.sum(pc.not_equal(pc.list_flatten(chunk), IGNORE)).as_py() or 0)
-        return total
+        table = self.dataset.data
+        if "targets" in table.column_names:
+            return int(pc.sum(table.column("targets")).as_py() or 0)
+        return sum(
+            int(pc.sum(pc.not_equal(pc.list_flatten(c), IGNORE)).as_py() or 0) for c in table.column("labels").chunks
+        )
 
 
 def _pad_rows(rows: dict[str, Any], seq_len: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    rows.pop("targets", None)
     n = len(rows["input_ids"])
     out = {
         "input_ids": torch.full((n, seq_len), pad_token_id, dtype=torch.long),
@@ -428,7 +435,7 @@ def build_blocks(
         batched=True,
         batch_size=PACK_GROUP,
         remove_columns=tokenized.column_names,
-        features=_features(reset_position_ids),
+        features=_features(reset_position_ids, packed=True),
         num_proc=num_proc,
         desc="compose: pack",
     )
@@ -553,7 +560,7 @@ def stream_blocks(
             batched=True,
             batch_size=PACK_GROUP,
             remove_columns=["input_ids", "labels"],
-            features=_features(reset_position_ids),
+            features=_features(reset_position_ids, packed=True),
         )
 
     return TokenStream(make, seq_len, pad_token_id)
