@@ -746,9 +746,15 @@ def _setup(model, train_data, eval_data, config: TrainConfig, tokenizer, desc: s
     output_dir = Path(config.output_dir) if config.output_dir else None
     accelerator = _make_accelerator(config, output_dir)
     set_seed(config.seed)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise NotImplementedError(
+            "training under DeepSpeed is not supported: compose gathers and re-shards its checkpoints with "
+            "torch.distributed.checkpoint, which does not know DeepSpeed engines. Launch with FSDP2 instead "
+            "(recipes/accelerate/fsdp.yaml shards parameters, gradients and optimizer state like ZeRO-3)"
+        )
     rank, world = accelerator.process_index, accelerator.num_processes
     batches, eval_blocks = _make_data(model, train_data, eval_data, tokenizer, config, rank, world)
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    sharded = accelerator.distributed_type == DistributedType.FSDP
     low = _low_precision(model)
     _prepare_model(model, config, accelerator.device)
     groups = _param_groups(model, config.weight_decay)
@@ -1017,11 +1023,6 @@ def _gather_state(run: _Run) -> dict[str, Any]:
 
 def _save_checkpoint(run: _Run) -> None:
     """Write ``checkpoints/step-N`` atomically (every process takes part, the main one writes)."""
-    if run.sharded and run.accelerator.distributed_type.name == "DEEPSPEED":
-        raise NotImplementedError(
-            "compose checkpoints under DeepSpeed are not supported yet: use FSDP (recipes/accelerate/fsdp.yaml) "
-            "or save_every=0 with save_final"
-        )
     run.accelerator.wait_for_everyone()
     parts = _gather_state(run)
     bad = _first_nonfinite(parts["model"]) if run.main else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -206,3 +207,18 @@ def test_chunked_loss_not_used_where_logits_are_not_head_output():
 
     assert not ChunkedLoss.supports(tiny_model("gemma2"))  # final logit soft-capping
     assert not ChunkedLoss.supports(torch.nn.Linear(2, 2))
+
+
+def test_two_stage_recipe_with_different_precisions_runs_in_one_call(tmp_path):
+    from compose.recipe import run_recipe
+
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny" / "two_stage.yaml"
+    results = run_recipe(recipe, [f"output.dir={tmp_path}", "train.max_steps=2"], log=lambda *a, **k: None)
+    assert list(results) == ["fp32", "bf16"]
+    for stage in results.values():
+        assert [h["step"] for h in stage["history"]][-1] == 2
+        assert all(math.isfinite(h["loss"]) for h in stage["history"])
+        assert Path(stage["output"]).is_dir()
+    from accelerate.state import AcceleratorState
+
+    assert AcceleratorState().mixed_precision == "bf16"
