@@ -436,8 +436,7 @@ def build_blocks(
         batch_size=PACK_GROUP,
         remove_columns=tokenized.column_names,
         features=_features(reset_position_ids, packed=True),
-        num_proc=num_proc,
-        desc="compose: pack",
+        desc="compose: pack",  # one process: groups must not depend on num_proc (and packing is cheap)
     )
     if len(packed) == 0:
         raise ValueError("the dataset is empty after tokenization (every record has zero tokens)")
