@@ -25,6 +25,7 @@ reported separately (``RUSAGE_CHILDREN``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -47,12 +48,12 @@ def make_corpus(path: Path, megabytes: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     letters = "etaoinshrdlcumwfgypbvkjxqz"
     words = ["".join(rng.choice(letters) for _ in range(rng.randint(1, 9))) for _ in range(50_000)]
-    weights = [1.0 / (r + 1) for r in range(len(words))]
+    cum_weights = list(itertools.accumulate(1.0 / (r + 1) for r in range(len(words))))
     tmp = path.with_suffix(".part")
     with open(tmp, "w") as f:
         written = 0
         while written < megabytes * 1_000_000:
-            para = " ".join(rng.choices(words, weights, k=rng.randint(20, 200))) + ".\n\n"
+            para = " ".join(rng.choices(words, cum_weights=cum_weights, k=rng.randint(20, 200))) + ".\n\n"
             f.write(para)
             written += len(para)
     os.replace(tmp, path)

@@ -32,6 +32,7 @@ with SDPA/eager only the positions restart. ``packing=False`` truncates/pads eac
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -204,8 +205,9 @@ def _explain_file_error(path: Path, error: Exception) -> Exception:
 class _Tokenize:
     """Batched map: records -> ``input_ids`` + ``labels`` (picklable, so ``num_proc`` works)."""
 
-    def __init__(self, tokenizer, text_field: str, mask_prompt: bool):
+    def __init__(self, tokenizer, text_field: str, mask_prompt: bool, arrow_out: bool = True):
         self.tokenizer, self.text_field, self.mask_prompt = tokenizer, text_field, mask_prompt
+        self.arrow_out = arrow_out
         self.eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
 
     def _encode(self, texts: list[str], special: bool, where: list[int]) -> list[list[int]]:
@@ -218,7 +220,36 @@ class _Tokenize:
             )
         return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
 
-    def __call__(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> Any:
+        texts = batch.get(self.text_field)
+        others = (batch.get(k) for k in ("input_ids", "prompt", "completion"))
+        if texts is not None and None not in texts and not any(v is not None for c in others if c for v in c):
+            return self._texts(texts, indices)
+        return self._records(batch, indices)
+
+    def _texts(self, texts: list[str], indices: list[int]) -> Any:
+        """Plain-text records: one tokenizer call, EOS appended with numpy, labels left null (= input_ids)."""
+        import pyarrow as pa
+
+        enc = self._encode(list(texts), True, indices)
+        lengths = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
+        flat = np.fromiter(itertools.chain.from_iterable(enc), dtype=np.int64, count=int(lengths.sum()))
+        ends = np.cumsum(lengths)
+        add = np.zeros(len(enc), dtype=bool)
+        if self.eos is not None:
+            last = np.where(lengths > 0, flat[np.maximum(ends - 1, 0)] if flat.size else -1, -1)
+            add = (lengths == 0) | (last != self.eos)
+        offsets = np.zeros(len(enc) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum(lengths + add)
+        values = np.empty(int(offsets[-1]), dtype=np.int64)
+        values[np.arange(flat.size) + np.repeat(offsets[:-1] - (ends - lengths), lengths)] = flat
+        values[offsets[1:][add] - 1] = self.eos if self.eos is not None else 0
+        table = pa.table(
+            {"input_ids": _list_array(offsets, values), "labels": pa.nulls(len(enc), type=pa.list_(pa.int32()))}
+        )
+        return table if self.arrow_out else table.to_pydict()
+
+    def _records(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         n = len(indices)
         col = {k: batch.get(k) or [None] * n for k in ("input_ids", "labels", "prompt", "completion", self.text_field)}
         kind = []
@@ -236,9 +267,10 @@ class _Tokenize:
                     "or 'prompt' + 'completion'"
                 )
         pick = {k: [j for j in range(n) if kind[j] == k] for k in ("ids", "pc", "text")}
-        texts = iter(self._encode([col[self.text_field][j] for j in pick["text"]], True, pick["text"]))
-        prompts = iter(self._encode([col["prompt"][j] for j in pick["pc"]], True, pick["pc"]))
-        comps = iter(self._encode([col["completion"][j] for j in pick["pc"]], False, pick["pc"]))
+        where = {k: [indices[j] for j in v] for k, v in pick.items()}
+        texts = iter(self._encode([col[self.text_field][j] for j in pick["text"]], True, where["text"]))
+        prompts = iter(self._encode([col["prompt"][j] for j in pick["pc"]], True, where["pc"]))
+        comps = iter(self._encode([col["completion"][j] for j in pick["pc"]], False, where["pc"]))
         out_ids, out_labels = [], []
         for j in range(n):
             ids, labels = self._one(kind[j], j, col, texts, prompts, comps, indices[j])
@@ -265,37 +297,59 @@ class _Tokenize:
 
 
 class _Pack:
-    """Batched map: tokenized documents -> blocks of at most ``seq_len`` tokens."""
+    """Batched map: tokenized documents -> blocks of at most ``seq_len`` tokens (numpy, no Python per token).
 
-    def __init__(self, seq_len: int, packing: bool, reset_position_ids: bool):
-        self.seq_len, self.packing, self.reset = seq_len, packing, reset_position_ids
+    Takes and returns Arrow tables (or, for streaming, dicts of lists); a document's null
+    ``labels`` means "same as its input_ids".
+    """
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        pairs = zip(batch["input_ids"], batch["labels"])
-        docs = [(np.asarray(i, dtype=np.int64), np.asarray(lab, dtype=np.int64)) for i, lab in pairs]
-        docs = [(i, lab) for i, lab in docs if len(i)]
-        out: dict[str, list] = {"input_ids": [], "labels": [], "targets": []}
+    def __init__(self, seq_len: int, packing: bool, reset_position_ids: bool, arrow_out: bool = True):
+        self.seq_len, self.packing, self.reset, self.arrow_out = seq_len, packing, reset_position_ids, arrow_out
+
+    def __call__(self, batch) -> Any:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not isinstance(batch, pa.Table):
+            batch = pa.table({k: pa.array(batch[k], type=pa.list_(pa.int32())) for k in ("input_ids", "labels")})
+        ids_col = batch.column("input_ids").combine_chunks()
+        labels_col = pc.coalesce(batch.column("labels").combine_chunks(), ids_col)
+        lengths = pc.list_value_length(ids_col).to_numpy(zero_copy_only=False).astype(np.int64)
+        ids = pc.list_flatten(ids_col).to_numpy(zero_copy_only=False)
+        labels = pc.list_flatten(labels_col).to_numpy(zero_copy_only=False)
+        doc_starts = np.cumsum(lengths) - lengths
+        if self.packing:
+            offsets = np.append(np.arange(0, ids.size, self.seq_len), ids.size)
+            positions = np.arange(ids.size) - np.repeat(doc_starts, lengths) if self.reset else None
+        else:
+            take = np.minimum(lengths, self.seq_len)[lengths > 0]
+            out_starts = np.cumsum(take) - take
+            index = np.arange(int(take.sum())) + np.repeat(doc_starts[lengths > 0] - out_starts, take)
+            ids, labels = ids[index], labels[index]
+            offsets = np.append(out_starts, int(take.sum()))
+            positions = np.arange(ids.size) - np.repeat(out_starts, take) if self.reset else None
+        return self._table(offsets, ids, labels, positions)
+
+    def _table(self, offsets: np.ndarray, ids: np.ndarray, labels: np.ndarray, positions) -> Any:
+        import pyarrow as pa
+
+        n = len(offsets) - 1
+        targets = np.add.reduceat((labels != IGNORE).astype(np.int32), offsets[:-1]) if n > 0 else np.zeros(0)
+        cols = {
+            "input_ids": _list_array(offsets, ids),
+            "labels": _list_array(offsets, labels),
+            "targets": pa.array(targets.astype(np.int32)),
+        }
         if self.reset:
-            out["position_ids"] = []
-        if not docs:
-            return out
-        if not self.packing:
-            for ids, labels in docs:
-                self._emit(out, ids[: self.seq_len], labels[: self.seq_len], np.arange(min(len(ids), self.seq_len)))
-            return out
-        ids, labels = np.concatenate([d[0] for d in docs]), np.concatenate([d[1] for d in docs])
-        positions = np.concatenate([np.arange(len(d[0])) for d in docs]) if self.reset else None
-        for s in range(0, len(ids), self.seq_len):
-            window = slice(s, s + self.seq_len)
-            self._emit(out, ids[window], labels[window], positions[window] if positions is not None else None)
-        return out
+            cols["position_ids"] = _list_array(offsets, positions)
+        table = pa.table(cols)
+        return table if self.arrow_out else table.to_pydict()
 
-    def _emit(self, out, ids, labels, positions) -> None:
-        out["input_ids"].append(ids)
-        out["labels"].append(labels)
-        out["targets"].append(int((labels != IGNORE).sum()))
-        if self.reset:
-            out["position_ids"].append(positions)
+
+def _list_array(offsets: np.ndarray, values: np.ndarray):
+    import pyarrow as pa
+
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int32)))
 
 
 def _features(reset_position_ids: bool, packed: bool = False):
@@ -430,7 +484,7 @@ def build_blocks(
         num_proc=num_proc,
         desc="compose: tokenize",
     )
-    packed = tokenized.map(
+    packed = tokenized.with_format("arrow").map(
         _Pack(seq_len, packing, reset_position_ids),
         batched=True,
         batch_size=PACK_GROUP,
@@ -548,14 +602,14 @@ def stream_blocks(
 
     def make(epoch: int):
         tokenized = ds.map(
-            _Tokenize(tokenizer, text_field, mask_prompt),
+            _Tokenize(tokenizer, text_field, mask_prompt, arrow_out=False),
             batched=True,
             with_indices=True,
             remove_columns=columns,
             features=_features(False),
         )
         return tokenized.map(
-            _Pack(seq_len, packing, reset_position_ids),
+            _Pack(seq_len, packing, reset_position_ids, arrow_out=False),
             batched=True,
             batch_size=PACK_GROUP,
             remove_columns=["input_ids", "labels"],
