@@ -8,6 +8,7 @@ resume, and the final model gathered on the main process.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -120,3 +121,31 @@ def test_fsdp2_kill_resume_equals_uninterrupted_and_single_process(tmp_path, str
         loaded = Composer.load(killed / "final", anchor=anchor, augment=augment)
         ids = torch.randint(3, 96, (1, 8))
         assert torch.isfinite(loaded.model(input_ids=ids).logits).all()
+
+
+@pytest.mark.slow
+def test_ddp_streaming_two_shards_kill_resume_equals_uninterrupted(tmp_path):
+    """Two processes each streaming their own shard; every checkpoint holds both positions."""
+    ddp = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    ddp += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    args = ["--streaming", "--shards", "2", "--steps", "4", "--save-every", "1", "--batch-size", "1"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        ddp + [str(SCRIPT), "--out", str(killed), "--sleep", "1.0"] + args,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not (killed / "checkpoints" / "step-0000002").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    kill_tree(proc.pid)
+    proc.wait()
+    assert not (killed / "final").exists()
+    state = json.loads((latest_checkpoint(killed) / "data.json").read_text())
+    assert len(state["ranks"]) == 2  # one position per process (each relative to its own shard)
+    run(ddp + [str(SCRIPT), "--out", str(killed), "--resume"] + args)
+    run(ddp + [str(SCRIPT), "--out", str(tmp_path / "whole")] + args)
+    a, b = weights(killed, "block_expand"), weights(tmp_path / "whole", "block_expand")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

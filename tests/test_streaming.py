@@ -73,6 +73,7 @@ def test_streaming_fit_resumes_across_an_epoch_to_the_same_weights(tmp_path, ran
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_streaming_sigkill_then_resume_is_bit_identical(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     args = [sys.executable, str(SCRIPT), "--streaming", "--shards", "1", "--steps", "6", "--save-every", "1"]
