@@ -372,7 +372,10 @@ class TokenBlocks(TorchDataset):
     (and ``position_ids`` when documents restart positions) as LongTensors of ``seq_len``.
     """
 
-    def __init__(self, dataset, seq_len: int, pad_token_id: int = 0):
+    def __init__(self, dataset, seq_len: int | torch.Tensor, pad_token_id: int | torch.Tensor = 0):
+        if isinstance(dataset, torch.Tensor):  # TokenBlocks(input_ids, labels, attention_mask), as before
+            built = self.from_tensors(dataset, seq_len, pad_token_id)
+            dataset, seq_len, pad_token_id = built.dataset, built.seq_len, built.pad_token_id
         self.dataset, self.seq_len, self.pad_token_id = dataset.with_format("numpy"), seq_len, pad_token_id
 
     @classmethod
@@ -629,39 +632,68 @@ def _is_main_process() -> bool:
         return True
 
 
-def _load_source(src: Any, text_field: str):
-    """Records of one data source (a path / hub name, or a mapping with hub options)."""
+def _load_source(src: Any, text_field: str, *, streaming: bool = False):
+    """Records of one data source (a path / hub name, or a mapping with hub options) and its weight."""
     spec = dict(src) if isinstance(src, dict) else {"path": src}
     path = spec["path"]
     split = spec.get("split") or "train"
     if spec.get("name") or spec.get("data_dir"):
         import datasets
 
-        records = datasets.load_dataset(path, spec.get("name"), data_dir=spec.get("data_dir"), split=split)
+        records = datasets.load_dataset(
+            path, spec.get("name"), data_dir=spec.get("data_dir"), split=split, streaming=streaming
+        )
     else:
-        records = load_records(path, split=split, text_field=text_field)
+        records = load_records(path, split=split, text_field=text_field, streaming=streaming)
     columns = {k: v for k, v in (spec.get("columns") or {}).items() if k != v}
     if columns:
-        clash = [v for v in columns.values() if v in records.column_names and v not in columns]
+        names = records.column_names or []
+        clash = [v for v in columns.values() if v in names and v not in columns]
         records = records.remove_columns(clash).rename_columns(columns)
     limit = spec.get("max_records")
     if limit is not None:
-        records = records.select(range(min(limit, len(records))))
+        records = records.take(limit) if streaming else records.select(range(min(limit, len(records))))
     return records, float(spec.get("weight", 1.0))
 
 
-def build_data(sources: Any, composer, cfg, seq_len: int | None = None, *, seed: int = 0) -> TokenBlocks:
-    """Tokenized, packed blocks of one or more recipe sources, ``weight``-ed (repeated), concatenated."""
+def _recipe_option(cfg, name: str, default: Any = None) -> Any:
+    from omegaconf import OmegaConf
+
+    for key in (f"data.{name}", f"train.{name}"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            return value
+    return default
+
+
+def build_data(
+    sources: Any, composer, cfg, seq_len: int | None = None, *, seed: int = 0, streaming: bool = False
+) -> Any:
+    """Tokenized, packed blocks of one or more recipe sources, ``weight``-ed (repeated), concatenated.
+
+    ``streaming=True``: the sources themselves, streamed (an ``IterableDataset``; several are
+    interleaved with probabilities proportional to their weights), for ``fit(..., streaming=True)``.
+    """
     import datasets
     from omegaconf import OmegaConf
 
-    pad = getattr(composer.model.config, "pad_token_id", None)
-    pad = pad if isinstance(pad, int) and pad >= 0 else 0
     if OmegaConf.is_config(sources):
         sources = OmegaConf.to_container(sources, resolve=True)
+    sources = sources if isinstance(sources, list) else [sources]
+    if streaming:
+        loaded = [_load_source(src, cfg.data.text_field, streaming=True) for src in sources]
+        if len(loaded) == 1:
+            return loaded[0][0]
+        total = sum(w for _, w in loaded)
+        return datasets.interleave_datasets(
+            [r for r, _ in loaded], probabilities=[w / total for _, w in loaded], seed=seed,
+            stopping_strategy="all_exhausted",
+        )  # fmt: skip
+    pad = getattr(composer.model.config, "pad_token_id", None)
+    pad = pad if isinstance(pad, int) and pad >= 0 else 0
     seq_len = seq_len or cfg.data.seq_len
     parts = []
-    for src in sources if isinstance(sources, list) else [sources]:
+    for src in sources:
         records, weight = _load_source(src, cfg.data.text_field)
         blocks = build_blocks(
             records,
@@ -671,13 +703,14 @@ def build_data(sources: Any, composer, cfg, seq_len: int | None = None, *, seed:
             mask_prompt=cfg.data.mask_prompt,
             text_field=cfg.data.text_field,
             pad_token_id=pad,
-            num_proc=OmegaConf.select(cfg, "data.num_proc"),
-            cache_dir=OmegaConf.select(cfg, "data.cache_dir"),
+            num_proc=_recipe_option(cfg, "num_proc"),
+            cache_dir=_recipe_option(cfg, "cache_dir") or _recipe_option(cfg, "data_cache_dir"),
+            reset_position_ids=bool(_recipe_option(cfg, "reset_position_ids", False)),
         )
-        n = len(blocks)
         whole, frac = int(weight), weight - int(weight)
-        idx = list(range(n)) * whole
+        idx = list(range(len(blocks))) * whole
         if frac:
-            idx += torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: round(frac * n)].tolist()
+            perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+            idx += perm[: round(frac * len(blocks))].tolist()
         parts.append(blocks.dataset.with_format(None).select(idx))
     return TokenBlocks(datasets.concatenate_datasets(parts), seq_len, pad)

@@ -138,3 +138,18 @@ def test_non_utf8_file_is_named(tmp_path, tok):
     bad.write_bytes("caf\xe9 au lait\n\nsecond".encode("latin-1"))
     with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8 text"):
         build_blocks(str(bad), tok, seq_len=8)
+
+
+def test_recipe_sources_can_be_streamed(tmp_path):
+    from omegaconf import OmegaConf
+
+    from compose.data import build_data
+
+    (tmp_path / "a.txt").write_text("\n\n".join(f"alpha {i}" for i in range(20)))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": f"beta {i}"}) + "\n" for i in range(20)))
+    cfg = OmegaConf.create({"data": {"text_field": "text", "seq_len": 8, "packing": True, "mask_prompt": True}})
+    sources = [str(tmp_path / "a.txt"), {"path": str(tmp_path / "b.jsonl"), "columns": {"body": "text"}, "weight": 3}]
+    stream = build_data(sources, None, cfg, streaming=True, seed=0)
+    assert isinstance(stream, datasets.IterableDataset)
+    texts = [r["text"] for r in stream.take(16)]
+    assert any(t.startswith("alpha") for t in texts) and any(t.startswith("beta") for t in texts)
