@@ -617,9 +617,17 @@ def _resume_candidates(config: TrainConfig) -> list[Path]:
     if output_dir is None:
         return []
     found = _checkpoints(output_dir)
+    root = output_dir / CHECKPOINT_DIR
+    legacy = sorted(p.name for p in root.glob("step-*") if p.is_dir() and p not in found) if root.is_dir() else []
+    if config.resume and legacy and not found:
+        raise CheckpointError(
+            f"{root} holds checkpoints without {MANIFEST} ({', '.join(legacy[:3])}): written by an older compose, "
+            "whose format this version cannot resume. Finish that run with the version that wrote it, or start "
+            "over with overwrite_output_dir=True"
+        )
     if config.resume:
         return found
-    if found and not config.overwrite_output_dir:
+    if (found or legacy) and not config.overwrite_output_dir:
         raise ValueError(
             f"{output_dir} already holds checkpoints; pass resume=True to continue that run, "
             "overwrite_output_dir=True to start over, or use a new output_dir"

@@ -194,3 +194,13 @@ def test_kill_at_every_point_of_a_save_keeps_the_last_good_model(tmp_path):
         got = load_file(out / "final" / "model.safetensors")
         assert all(torch.equal(got[k], want[k]) for k in want), point
         AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+def test_checkpoints_without_manifest_are_not_silently_ignored(tmp_path, data):
+    old = tmp_path / "run" / "checkpoints" / "step-0000002"
+    old.mkdir(parents=True)
+    (old / "trainer_state.json").write_text('{"step": 2}')
+    with pytest.raises(CheckpointError, match=r"without manifest.json \(step-0000002\)"):
+        fresh().fit(data, max_steps=2, output_dir=str(tmp_path / "run"), resume=True, **FIT)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        fresh().fit(data, max_steps=2, output_dir=str(tmp_path / "run"), **FIT)
