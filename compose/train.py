@@ -560,6 +560,7 @@ class _Run:
     history: list[dict[str, float]] = field(default_factory=list)
     trackers: list[str] | None = None
     skeleton: nn.Module | None = None
+    upcast: dict[str, torch.dtype] = field(default_factory=dict)
     bar: Any = None
     t0: float = field(default_factory=time.perf_counter)
 
@@ -733,10 +734,13 @@ def _build_data(train_data, eval_data, tokenizer, config: TrainConfig, rank: int
     return batches, evals
 
 
-def _prepare_model(model: nn.Module, config: TrainConfig, device) -> None:
+def _prepare_model(model: nn.Module, config: TrainConfig, device) -> dict[str, torch.dtype]:
+    """Ready ``model`` for training; returns the low-precision dtypes of the trainable tensors it upcast."""
     # Master copies of trainable tensors in fp32 even when the frozen base is bf16/fp16.
-    for p in model.parameters():
+    upcast = {}
+    for name, p in model.named_parameters():
         if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            upcast[name] = p.dtype
             p.data = p.data.float()
     if config.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
@@ -746,6 +750,7 @@ def _prepare_model(model: nn.Module, config: TrainConfig, device) -> None:
             model.config.use_cache = False
     model.to(device)
     model.train()
+    return upcast
 
 
 def _setup(model, train_data, eval_data, config: TrainConfig, tokenizer, desc: str) -> _Run:
@@ -764,7 +769,7 @@ def _setup(model, train_data, eval_data, config: TrainConfig, tokenizer, desc: s
     batches, eval_blocks = _make_data(model, train_data, eval_data, tokenizer, config, rank, world)
     sharded = accelerator.distributed_type == DistributedType.FSDP
     low = _low_precision(model)
-    _prepare_model(model, config, accelerator.device)
+    upcast = _prepare_model(model, config, accelerator.device)
     groups = _param_groups(model, config.weight_decay)
     fused = accelerator.device.type == "cuda" and all(p.dtype == torch.float32 for g in groups for p in g["params"])
     optimizer = torch.optim.AdamW(
@@ -794,7 +799,7 @@ def _setup(model, train_data, eval_data, config: TrainConfig, tokenizer, desc: s
         autocast = lambda: torch.autocast(accelerator.device.type, dtype=low)  # noqa: E731
     return _Run(
         config, unwrapped, accelerator, wrapped, optimizer, scheduler, batches, eval_blocks, loss_fn, autocast,
-        output_dir, sharded, desc, trackers=_trackers(config), skeleton=skeleton,
+        output_dir, sharded, desc, trackers=_trackers(config), skeleton=skeleton, upcast=upcast,
     )  # fmt: skip
 
 
@@ -1098,6 +1103,15 @@ def _fill_skeleton(skeleton: nn.Module, full: dict[str, torch.Tensor]) -> nn.Mod
     return skeleton.eval()
 
 
+def _restore_dtypes(model: nn.Module, upcast: dict[str, torch.dtype]) -> None:
+    """Trained tensors go back to the model's own bf16/fp16 (they trained as fp32 masters), so that
+    the model runs, evaluates and saves in one dtype."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in upcast:
+                p.data = p.data.to(upcast[name])
+
+
 def _close(run: _Run) -> None:
     if run.bar is not None:
         run.bar.close()
@@ -1113,6 +1127,8 @@ def _finish(run: _Run, save_model: Callable[[nn.Module, Path], Any] | None) -> N
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = True
     model.eval()
+    if not run.sharded:
+        _restore_dtypes(model, run.upcast)
     if run.output_dir is None or not config.save_final:
         return
     run.accelerator.wait_for_everyone()
@@ -1123,6 +1139,7 @@ def _finish(run: _Run, save_model: Callable[[nn.Module, Path], Any] | None) -> N
         full = get_model_state_dict(run.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if run.main and run.skeleton is not None:
             model = run.model = _fill_skeleton(run.skeleton, full)
+            _restore_dtypes(model, run.upcast)
         elif run.main:
             model.load_state_dict(full, strict=False, assign=True)
     bad = _first_nonfinite({n: p for n, p in model.named_parameters() if p.requires_grad}) if run.main else None
