@@ -212,7 +212,7 @@ def _named(items: list[str], prefix: str) -> dict[str, str]:
 
 
 def _print(*args: Any, **kwargs: Any) -> None:
-    from .recipe import _is_main_process
+    from .data import _is_main_process
 
     if _is_main_process():
         print(*args, **kwargs)
@@ -280,7 +280,7 @@ def _cmd_eval(args) -> int:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("_stderr"))
             _print(f"{task}: {shown}")
     if args.json:
-        from .recipe import _is_main_process
+        from .data import _is_main_process
 
         if _is_main_process():
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -318,12 +318,12 @@ class Composer:
 
     def _fit(self, train_data: Any, eval_data: Any, train_options: dict[str, Any], after=None) -> Composer:
         """``fit``; ``after(self)`` runs once the model is trained and saved, before the completion marker."""
-        from .train import TrainConfig, train
+        from .train import TrainConfig
 
         config = TrainConfig.from_kwargs(**validate_train_options(train_options))
         self._check_fit(config, train_data, eval_data)
         if config.output_dir is None or not _is_rank_zero():
-            self.history = train(self, train_data, eval_data, config)
+            self._train(config, train_data, eval_data)
             if after is not None:
                 after(self)
             return self
@@ -333,7 +333,7 @@ class Composer:
             with output_lock(out):
                 recover_directory(out / "final")  # a save interrupted between its renames, by an earlier run
                 prepare_run_directory(out, resume=config.resume, overwrite=config.overwrite_output_dir)
-                self.history = train(self, train_data, eval_data, config)
+                self._train(config, train_data, eval_data)
                 if after is not None:
                     after(self)
                 if config.save_final:
@@ -343,6 +343,19 @@ class Composer:
                 shutil.rmtree(out, ignore_errors=True)  # a run that failed before writing anything leaves nothing
             raise
         return self
+
+    def _train(self, config: Any, train_data: Any, eval_data: Any) -> None:
+        from .train import train
+
+        def save_model(model: nn.Module, directory: Path) -> None:
+            self.model = model
+            self.save(directory)
+
+        result = train(
+            self.model, train_data, eval_data, config, tokenizer=self.tokenizer, save_model=save_model,
+            desc=f"fit {self.strategy_name}",
+        )  # fmt: skip
+        self.model, self.history = result.model, result.history
 
     def _check_fit(self, config: Any, train_data: Any, eval_data: Any) -> None:
         """What can be seen before training starts: positions of every base model, token ids in range."""

@@ -6,32 +6,61 @@ Accepted sources (see :func:`load_records`):
 * a list of strings, or a list of dicts;
 * a local ``.txt`` (documents separated by blank lines), ``.jsonl``/``.json`` or
   ``.parquet`` file;
-* a hub dataset name (``datasets.load_dataset(name, split=...)``).
+* a hub dataset name (``datasets.load_dataset(name, split=...)``);
+* for streaming (:func:`stream_blocks`), also a ``datasets.IterableDataset``.
 
 Each record is one of ``{"input_ids": [...]}`` (used as is, optional ``"labels"``),
 ``{"text": ...}`` or ``{"prompt": ..., "completion": ...}`` (the prompt's tokens get
 label ``-100`` when ``mask_prompt``). Text needs a tokenizer.
 
-With ``packing=True`` (default) documents are joined with EOS and cut into blocks of
-exactly ``seq_len`` tokens (the last, shorter block is padded and masked); otherwise each
-record is truncated/padded to ``seq_len`` on its own.
+Everything runs through ``datasets``: records are tokenized by a batched ``map`` (fast
+tokenizers, ``num_proc`` worker processes) into Arrow columns, then packed by a second
+batched ``map``. Files are read with ``datasets``' own builders, so both maps are cached by
+fingerprint next to the Arrow files and a second run with the same data, tokenizer and
+settings reuses them. Token ids never live in Python lists beyond one batch of documents.
+
+Packing (``packing=True``, the default) joins the documents of each group of
+:data:`PACK_GROUP` documents, each followed by EOS, and cuts the stream into ``seq_len``
+blocks; the group's last block may be shorter and is padded (its padding is masked out of
+the loss). Attention is causal over the whole block, so with the default SDPA/eager
+attention a token *does* see the earlier documents of its block. ``reset_position_ids=True``
+adds ``position_ids`` that restart at 0 at each document: with
+``attn_implementation="flash_attention_2"`` transformers then attends within documents only;
+with SDPA/eager only the positions restart. ``packing=False`` truncates/pads each record to
+``seq_len`` on its own.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
 
-__all__ = ["load_records", "tokenize_records", "TokenBlocks", "build_blocks", "collate"]
+__all__ = [
+    "IGNORE",
+    "PACK_GROUP",
+    "load_records",
+    "build_blocks",
+    "stream_blocks",
+    "TokenBlocks",
+    "TokenStream",
+    "collate",
+    "build_data",
+]
 
 IGNORE = -100
+PACK_GROUP = 1000
+"""Documents packed together by one call of the packing map."""
 _FILE_SUFFIXES = {".txt", ".jsonl", ".json", ".parquet"}
+_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def _looks_like_path(s: str) -> bool:
@@ -39,126 +68,389 @@ def _looks_like_path(s: str) -> bool:
     return s.startswith((".", "/", "~")) or Path(s).suffix.lower() in _FILE_SUFFIXES or s.count("/") > 1
 
 
-def load_records(source: Any, *, split: str = "train", text_field: str = "text") -> Sequence[dict] | Any:
-    """Turn a data source into an indexable sequence of dict records."""
+def check_cache_dir(cache_dir: str | os.PathLike | None) -> str | None:
+    """Raise a clear error when ``cache_dir`` (or datasets' default cache) cannot be written."""
+    import datasets
+
+    target = Path(cache_dir).expanduser() if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE)
     try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        datasets = None
-    if datasets is not None:
-        if isinstance(source, datasets.DatasetDict):
-            if split not in source:
-                raise ValueError(f"DatasetDict has no split {split!r}; splits: {', '.join(source)}")
-            source = source[split]
-        if isinstance(source, datasets.Dataset):
-            return source
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source).expanduser()
-        if path.is_file():
-            return _read_file(path, text_field)
-        if path.is_dir():
-            raise ValueError(f"{path} is a directory; give a .txt/.jsonl/.parquet file or a list of records")
-        if isinstance(source, os.PathLike) or _looks_like_path(str(source)):
-            raise FileNotFoundError(f"data file {str(source)!r} does not exist")
-        if datasets is None:
-            raise ImportError("loading a hub dataset needs the `datasets` package")
-        try:
-            return datasets.load_dataset(str(source), split=split)
-        except Exception as e:  # noqa: BLE001 - re-raised with context
-            raise ValueError(
-                f"could not load {source!r} as a local file or a hub dataset ({type(e).__name__}: {e})"
-            ) from e
-    if isinstance(source, (list, tuple)):
-        if all(isinstance(x, str) for x in source):
-            return [{text_field: x} for x in source]
-        if all(isinstance(x, dict) for x in source):
-            return list(source)
-        raise TypeError("a data list must hold only strings or only dicts")
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target):
+            pass
+    except OSError as e:
+        option = "data_cache_dir" if cache_dir is not None else "data_cache_dir (or HF_DATASETS_CACHE)"
+        raise PermissionError(
+            f"the data cache directory {str(target)!r} is not writable ({e.strerror or e}); "
+            f"set {option} to a writable directory"
+        ) from e
+    return str(target) if cache_dir is not None else None
+
+
+def check_num_proc(num_proc: Any) -> int | None:
+    if num_proc is None:
+        return None
+    if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc <= 0:
+        raise ValueError(f"num_proc must be a positive integer or None, got {num_proc!r}")
+    return num_proc
+
+
+def _from_list(items: Sequence[Any], text_field: str):
+    import datasets
+
+    if all(isinstance(x, str) for x in items):
+        return datasets.Dataset.from_dict({text_field: list(items)})
+    if all(isinstance(x, dict) for x in items):
+        keys: dict[str, None] = {}
+        for rec in items:
+            keys.update(dict.fromkeys(rec))
+        return datasets.Dataset.from_dict({k: [rec.get(k) for rec in items] for k in keys})
+    raise TypeError("a data list must hold only strings or only dicts")
+
+
+def load_records(
+    source: Any, *, split: str = "train", text_field: str = "text", cache_dir: str | None = None, streaming=False
+):
+    """Turn a data source into a ``datasets.Dataset`` (``IterableDataset`` when ``streaming``)."""
+    import datasets
+
+    if isinstance(source, datasets.DatasetDict | datasets.IterableDatasetDict):
+        if split not in source:
+            raise ValueError(f"the DatasetDict has no split {split!r}; splits: {', '.join(source)}")
+        source = source[split]
+    if isinstance(source, datasets.IterableDataset):
+        if not streaming:
+            raise TypeError("an IterableDataset can only be streamed: pass streaming=True")
+        return source
+    if isinstance(source, datasets.Dataset):
+        return source.to_iterable_dataset() if streaming else source
+    if isinstance(source, str | os.PathLike):
+        return _load_path(source, split, text_field, cache_dir, streaming)
+    if isinstance(source, list | tuple):
+        ds = _from_list(source, text_field)
+        return ds.to_iterable_dataset() if streaming else ds
     raise TypeError(
         f"unsupported data source of type {type(source).__name__}; give a datasets.Dataset, a list of strings "
         "or dicts, a .txt/.jsonl/.parquet path, or a hub dataset name"
     )
 
 
-def _read_file(path: Path, text_field: str):
+def _load_path(source, split: str, text_field: str, cache_dir: str | None, streaming: bool):
+    import datasets
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        return _read_file(path, text_field, cache_dir, streaming)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a .txt/.jsonl/.parquet file or a list of records")
+    if isinstance(source, os.PathLike) or _looks_like_path(str(source)):
+        raise FileNotFoundError(f"data file {str(source)!r} does not exist")
+    try:
+        return datasets.load_dataset(str(source), split=split, cache_dir=cache_dir, streaming=streaming)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        raise ValueError(f"could not load {source!r} as a local file or a hub dataset ({type(e).__name__}: {e})") from e
+
+
+def _read_file(path: Path, text_field: str, cache_dir: str | None, streaming: bool):
+    import datasets
+
     suffix = path.suffix.lower()
+    if suffix not in _BUILDERS:
+        raise ValueError(f"unsupported data file type {suffix!r} ({path}); use .txt, .jsonl, .json or .parquet")
+    kwargs: dict[str, Any] = {"sample_by": "paragraph"} if suffix == ".txt" else {}
+    try:
+        ds = datasets.load_dataset(
+            _BUILDERS[suffix], data_files=str(path), split="train", cache_dir=cache_dir, streaming=streaming, **kwargs
+        )
+    except Exception as e:  # noqa: BLE001 - located and re-raised below
+        raise _explain_file_error(path, e) from e
     if suffix == ".txt":
-        docs = [d.strip("\n") for d in path.read_text().split("\n\n")]
-        return [{text_field: d} for d in docs if d.strip()]
-    if suffix in (".jsonl", ".json"):
-        text = path.read_text()
-        if suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-        return records
-    if suffix == ".parquet":
-        import datasets
-
-        return datasets.load_dataset("parquet", data_files=str(path), split="train")
-    raise ValueError(f"unsupported data file type {suffix!r} ({path}); use .txt, .jsonl, .json or .parquet")
+        if text_field != "text":
+            ds = ds.rename_column("text", text_field)
+        ds = ds.filter(_NonBlank(text_field))
+    return ds
 
 
-def tokenize_records(
-    records: Sequence[dict], tokenizer=None, *, text_field: str = "text", mask_prompt: bool = True, add_eos: bool = True
-) -> list[tuple[list[int], list[int]]]:
-    """``[(input_ids, labels), ...]`` per record."""
-    out = []
-    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise TypeError(f"record {i} is a {type(rec).__name__}, expected a dict")
-        if "input_ids" in rec:
-            ids = [int(t) for t in rec["input_ids"]]
-            labels = [int(t) for t in rec["labels"]] if rec.get("labels") is not None else list(ids)
-            if len(labels) != len(ids):
-                raise ValueError(f"record {i}: labels ({len(labels)}) and input_ids ({len(ids)}) differ in length")
-            out.append((ids, labels))
-            continue
-        if tokenizer is None:
+class _NonBlank:
+    def __init__(self, field: str):
+        self.field = field
+
+    def __call__(self, record: dict) -> bool:
+        return bool(record[self.field].strip())
+
+
+def _explain_file_error(path: Path, error: Exception) -> Exception:
+    """Name the file (and for JSON Lines the line) that ``datasets`` could not read."""
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        if isinstance(cause, UnicodeDecodeError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, UnicodeDecodeError):
+        return ValueError(f"{path}: not UTF-8 text ({cause.reason} at byte {cause.start}); re-encode it as UTF-8")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.read(1)
+            f.seek(0)
+            lines = [] if first == "[" else f
+            for lineno, line in enumerate(lines, 1):
+                if line.strip():
+                    try:
+                        json.loads(line)
+                    except json.JSONDecodeError as e:
+                        return ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})")
+    return ValueError(f"could not read {path} ({type(error).__name__}: {error})")
+
+
+# ---------------------------------------------------------------------------- tokenize
+class _Tokenize:
+    """Batched map: records -> ``input_ids`` + ``labels`` (picklable, so ``num_proc`` works)."""
+
+    def __init__(self, tokenizer, text_field: str, mask_prompt: bool, arrow_out: bool = True):
+        self.tokenizer, self.text_field, self.mask_prompt = tokenizer, text_field, mask_prompt
+        self.arrow_out = arrow_out
+        self.eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+
+    def _encode(self, texts: list[str], special: bool, where: list[int]) -> list[list[int]]:
+        if not texts:
+            return []
+        if self.tokenizer is None:
             raise ValueError(
-                "the data holds text but no tokenizer is known: pass tokenizer= to Composer, or save the "
+                f"record {where[0]} holds text but no tokenizer is known: pass tokenizer= to Composer, save the "
                 "tokenizer beside the model, or give records with 'input_ids'"
             )
-        if "prompt" in rec and "completion" in rec:
-            p = tokenizer(rec["prompt"], add_special_tokens=True)["input_ids"]
-            c = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"]
-            ids = p + c
-            labels = ([IGNORE] * len(p) if mask_prompt else list(p)) + list(c)
-        elif text_field in rec:
-            ids = tokenizer(rec[text_field], add_special_tokens=True)["input_ids"]
-            labels = list(ids)
+        return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> Any:
+        texts = batch.get(self.text_field)
+        others = (batch.get(k) for k in ("input_ids", "prompt", "completion"))
+        if texts is not None and None not in texts and not any(v is not None for c in others if c for v in c):
+            return self._texts(texts, indices)
+        return self._records(batch, indices)
+
+    def _texts(self, texts: list[str], indices: list[int]) -> Any:
+        """Plain-text records: one tokenizer call, EOS appended with numpy, labels left null (= input_ids)."""
+        import pyarrow as pa
+
+        enc = self._encode(list(texts), True, indices)
+        lengths = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
+        flat = np.fromiter(itertools.chain.from_iterable(enc), dtype=np.int64, count=int(lengths.sum()))
+        ends = np.cumsum(lengths)
+        add = np.zeros(len(enc), dtype=bool)
+        if self.eos is not None:
+            last = np.where(lengths > 0, flat[np.maximum(ends - 1, 0)] if flat.size else -1, -1)
+            add = (lengths == 0) | (last != self.eos)
+        offsets = np.zeros(len(enc) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum(lengths + add)
+        values = np.empty(int(offsets[-1]), dtype=np.int64)
+        values[np.arange(flat.size) + np.repeat(offsets[:-1] - (ends - lengths), lengths)] = flat
+        values[offsets[1:][add] - 1] = self.eos if self.eos is not None else 0
+        table = pa.table(
+            {"input_ids": _list_array(offsets, values), "labels": pa.nulls(len(enc), type=pa.list_(pa.int32()))}
+        )
+        return table if self.arrow_out else table.to_pydict()
+
+    def _records(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        n = len(indices)
+        col = {k: batch.get(k) or [None] * n for k in ("input_ids", "labels", "prompt", "completion", self.text_field)}
+        kind = []
+        for j in range(n):
+            if col["input_ids"][j] is not None:
+                kind.append("ids")
+            elif col["prompt"][j] is not None and col["completion"][j] is not None:
+                kind.append("pc")
+            elif col[self.text_field][j] is not None:
+                kind.append("text")
+            else:
+                keys = sorted(k for k, v in batch.items() if v[j] is not None)
+                raise ValueError(
+                    f"record {indices[j]} has keys {keys}; expected {self.text_field!r}, 'input_ids', "
+                    "or 'prompt' + 'completion'"
+                )
+        pick = {k: [j for j in range(n) if kind[j] == k] for k in ("ids", "pc", "text")}
+        where = {k: [indices[j] for j in v] for k, v in pick.items()}
+        texts = iter(self._encode([col[self.text_field][j] for j in pick["text"]], True, where["text"]))
+        prompts = iter(self._encode([col["prompt"][j] for j in pick["pc"]], True, where["pc"]))
+        comps = iter(self._encode([col["completion"][j] for j in pick["pc"]], False, where["pc"]))
+        out_ids, out_labels = [], []
+        for j in range(n):
+            ids, labels = self._one(kind[j], j, col, texts, prompts, comps, indices[j])
+            out_ids.append(ids)
+            out_labels.append(labels)
+        return {"input_ids": out_ids, "labels": out_labels}
+
+    def _one(self, kind, j, col, texts, prompts, comps, index):
+        if kind == "ids":
+            ids = list(col["input_ids"][j])
+            labels = list(col["labels"][j]) if col["labels"][j] is not None else list(ids)
+            if len(labels) != len(ids):
+                raise ValueError(f"record {index}: labels ({len(labels)}) and input_ids ({len(ids)}) differ in length")
+            return ids, labels
+        if kind == "pc":
+            p, c = next(prompts), next(comps)
+            ids, labels = p + c, ([IGNORE] * len(p) if self.mask_prompt else list(p)) + list(c)
         else:
-            raise ValueError(
-                f"record {i} has keys {sorted(rec)}; expected {text_field!r}, 'input_ids', or 'prompt' + 'completion'"
-            )
-        if add_eos and eos is not None and (not ids or ids[-1] != eos):
-            ids = ids + [eos]
-            labels = labels + [eos]
-        out.append((ids, labels))
-    return out
+            ids = next(texts)
+            labels = list(ids)
+        if self.eos is not None and ids and ids[-1] != self.eos:
+            ids, labels = ids + [self.eos], labels + [self.eos]
+        return ids, labels
 
 
+class _Pack:
+    """Batched map: tokenized documents -> blocks of at most ``seq_len`` tokens (numpy, no Python per token).
+
+    Takes and returns Arrow tables (or, for streaming, dicts of lists); a document's null
+    ``labels`` means "same as its input_ids".
+    """
+
+    def __init__(self, seq_len: int, packing: bool, reset_position_ids: bool, arrow_out: bool = True):
+        self.seq_len, self.packing, self.reset, self.arrow_out = seq_len, packing, reset_position_ids, arrow_out
+
+    def __call__(self, batch) -> Any:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not isinstance(batch, pa.Table):
+            batch = pa.table({k: pa.array(batch[k], type=pa.list_(pa.int32())) for k in ("input_ids", "labels")})
+        ids_col = batch.column("input_ids").combine_chunks()
+        labels_col = pc.coalesce(batch.column("labels").combine_chunks(), ids_col)
+        lengths = pc.list_value_length(ids_col).to_numpy(zero_copy_only=False).astype(np.int64)
+        ids = pc.list_flatten(ids_col).to_numpy(zero_copy_only=False)
+        labels = pc.list_flatten(labels_col).to_numpy(zero_copy_only=False)
+        doc_starts = np.cumsum(lengths) - lengths
+        if self.packing:
+            offsets = np.append(np.arange(0, ids.size, self.seq_len), ids.size)
+            positions = np.arange(ids.size) - np.repeat(doc_starts, lengths) if self.reset else None
+        else:
+            take = np.minimum(lengths, self.seq_len)[lengths > 0]
+            out_starts = np.cumsum(take) - take
+            index = np.arange(int(take.sum())) + np.repeat(doc_starts[lengths > 0] - out_starts, take)
+            ids, labels = ids[index], labels[index]
+            offsets = np.append(out_starts, int(take.sum()))
+            positions = np.arange(ids.size) - np.repeat(out_starts, take) if self.reset else None
+        return self._table(offsets, ids, labels, positions)
+
+    def _table(self, offsets: np.ndarray, ids: np.ndarray, labels: np.ndarray, positions) -> Any:
+        import pyarrow as pa
+
+        n = len(offsets) - 1
+        targets = np.add.reduceat((labels != IGNORE).astype(np.int32), offsets[:-1]) if n > 0 else np.zeros(0)
+        cols = {
+            "input_ids": _list_array(offsets, ids),
+            "labels": _list_array(offsets, labels),
+            "targets": pa.array(targets.astype(np.int32)),
+        }
+        if self.reset:
+            cols["position_ids"] = _list_array(offsets, positions)
+        table = pa.table(cols)
+        return table if self.arrow_out else table.to_pydict()
+
+
+def _list_array(offsets: np.ndarray, values: np.ndarray):
+    import pyarrow as pa
+
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values.astype(np.int32)))
+
+
+def _features(reset_position_ids: bool, packed: bool = False):
+    import datasets
+
+    seq = datasets.Sequence(datasets.Value("int32"))
+    cols = {"input_ids": seq, "labels": seq}
+    if packed:
+        cols["targets"] = datasets.Value("int32")  # tokens with a label, per block
+    if reset_position_ids:
+        cols["position_ids"] = seq
+    return datasets.Features(cols)
+
+
+# ---------------------------------------------------------------------------- map-style
 class TokenBlocks(TorchDataset):
-    """Fixed-length blocks: ``input_ids``, ``labels`` and ``attention_mask`` (LongTensors)."""
+    """Packed blocks in an Arrow dataset; items are padded to ``seq_len`` on access.
 
-    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
-        self.input_ids, self.labels, self.attention_mask = input_ids, labels, attention_mask
+    ``blocks[i]`` and :meth:`batch` give ``input_ids``, ``labels`` and ``attention_mask``
+    (and ``position_ids`` when documents restart positions) as LongTensors of ``seq_len``.
+    """
+
+    def __init__(self, dataset, seq_len: int | torch.Tensor, pad_token_id: int | torch.Tensor = 0):
+        if isinstance(dataset, torch.Tensor):  # TokenBlocks(input_ids, labels, attention_mask), as before
+            built = self.from_tensors(dataset, seq_len, pad_token_id)
+            dataset, seq_len, pad_token_id = built.dataset, built.seq_len, built.pad_token_id
+        self.dataset, self.seq_len, self.pad_token_id = dataset.with_format("numpy"), seq_len, pad_token_id
+
+    @classmethod
+    def from_tensors(cls, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor, pad: int = 0):
+        import datasets
+
+        keep = attention_mask.bool()
+        cols = {"input_ids": [r[k].tolist() for r, k in zip(input_ids, keep)]}
+        cols["labels"] = [r[k].tolist() for r, k in zip(labels, keep)]
+        cols["targets"] = [int((r[k] != IGNORE).sum()) for r, k in zip(labels, keep)]
+        return cls(datasets.Dataset.from_dict(cols, features=_features(False, packed=True)), input_ids.shape[1], pad)
 
     def __len__(self) -> int:
-        return self.input_ids.shape[0]
+        return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "attention_mask": self.attention_mask[i]}
+        return {k: v[0] for k, v in self.batch([int(i)]).items()}
+
+    def batch(self, rows: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Rows ``rows`` as one padded batch (one Arrow read)."""
+        return _pad_rows(self.dataset[list(rows)], self.seq_len, self.pad_token_id)
+
+    def _all(self, key: str) -> torch.Tensor:
+        return self.batch(range(len(self)))[key]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """All blocks as one padded tensor (materialises the data: for small sets)."""
+        return self._all("input_ids")
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self._all("labels")
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return self._all("attention_mask")
 
     @property
     def num_tokens(self) -> int:
-        return int(self.attention_mask.sum())
+        import pyarrow.compute as pc
+
+        lengths = pc.list_value_length(self.dataset.data.column("input_ids"))
+        return int(pc.sum(lengths).as_py() or 0)
+
+    def num_targets(self) -> int:
+        """Tokens with a label (not ``-100``), from the per-block counts the packing map wrote."""
+        import pyarrow.compute as pc
+
+        table = self.dataset.data
+        if "targets" in table.column_names:
+            return int(pc.sum(table.column("targets")).as_py() or 0)
+        return sum(
+            int(pc.sum(pc.not_equal(pc.list_flatten(c), IGNORE)).as_py() or 0) for c in table.column("labels").chunks
+        )
+
+
+def _pad_rows(rows: dict[str, Any], seq_len: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    rows.pop("targets", None)
+    n = len(rows["input_ids"])
+    out = {
+        "input_ids": torch.full((n, seq_len), pad_token_id, dtype=torch.long),
+        "labels": torch.full((n, seq_len), IGNORE, dtype=torch.long),
+        "attention_mask": torch.zeros((n, seq_len), dtype=torch.long),
+    }
+    if "position_ids" in rows:
+        out["position_ids"] = torch.arange(seq_len).repeat(n, 1)
+    for r in range(n):
+        k = len(rows["input_ids"][r])
+        out["input_ids"][r, :k] = torch.as_tensor(np.asarray(rows["input_ids"][r], dtype=np.int64))
+        out["labels"][r, :k] = torch.as_tensor(np.asarray(rows["labels"][r], dtype=np.int64))
+        out["attention_mask"][r, :k] = 1
+        if "position_ids" in rows:
+            out["position_ids"][r, :k] = torch.as_tensor(np.asarray(rows["position_ids"][r], dtype=np.int64))
+    return out
 
 
 def build_blocks(
@@ -171,40 +463,254 @@ def build_blocks(
     text_field: str = "text",
     split: str = "train",
     pad_token_id: int = 0,
+    num_proc: int | None = None,
+    cache_dir: str | None = None,
+    reset_position_ids: bool = False,
 ) -> TokenBlocks:
     """Load, tokenize and pack ``source`` into :class:`TokenBlocks` of ``seq_len`` tokens."""
     if isinstance(source, TokenBlocks):
         return source
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-    records = load_records(source, split=split, text_field=text_field)
+    num_proc = check_num_proc(num_proc)
+    cache_dir = check_cache_dir(cache_dir)
+    records = load_records(source, split=split, text_field=text_field, cache_dir=cache_dir)
     if len(records) == 0:
         raise ValueError("the dataset is empty: no records to train or evaluate on")
-    pairs = tokenize_records(records, tokenizer, text_field=text_field, mask_prompt=mask_prompt)
-    pairs = [(ids, lab) for ids, lab in pairs if ids]
-    if not pairs:
+    num_proc = min(num_proc, len(records)) if num_proc else None
+    tokenized = records.map(
+        _Tokenize(tokenizer, text_field, mask_prompt),
+        batched=True,
+        with_indices=True,
+        remove_columns=records.column_names,
+        features=_features(False),
+        num_proc=num_proc,
+        desc="compose: tokenize",
+    )
+    packed = tokenized.with_format("arrow").map(
+        _Pack(seq_len, packing, reset_position_ids),
+        batched=True,
+        batch_size=PACK_GROUP,
+        remove_columns=tokenized.column_names,
+        features=_features(reset_position_ids, packed=True),
+        desc="compose: pack",  # one process: groups must not depend on num_proc (and packing is cheap)
+    )
+    if len(packed) == 0:
         raise ValueError("the dataset is empty after tokenization (every record has zero tokens)")
-    rows: list[tuple[list[int], list[int]]] = []
-    if packing:
-        ids_all = [t for ids, _ in pairs for t in ids]
-        lab_all = [t for _, lab in pairs for t in lab]
-        for start in range(0, len(ids_all), seq_len):
-            rows.append((ids_all[start : start + seq_len], lab_all[start : start + seq_len]))
-    else:
-        rows = [(ids[:seq_len], lab[:seq_len]) for ids, lab in pairs]
-    n = len(rows)
-    input_ids = torch.full((n, seq_len), pad_token_id, dtype=torch.long)
-    labels = torch.full((n, seq_len), IGNORE, dtype=torch.long)
-    mask = torch.zeros((n, seq_len), dtype=torch.long)
-    for r, (ids, lab) in enumerate(rows):
-        k = len(ids)
-        input_ids[r, :k] = torch.tensor(ids)
-        labels[r, :k] = torch.tensor(lab)
-        mask[r, :k] = 1
-    if int((labels != IGNORE).sum()) == 0:
+    blocks = TokenBlocks(packed, seq_len, pad_token_id)
+    if blocks.num_targets() == 0:
         raise ValueError("the dataset has no tokens to learn from (every label is masked)")
-    return TokenBlocks(input_ids, labels, mask)
+    return blocks
 
 
 def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+# ---------------------------------------------------------------------------- streaming
+class TokenStream:
+    """Packed blocks streamed from an ``IterableDataset``: this process's shard, endless, resumable.
+
+    :meth:`take` returns the next ``n`` blocks as a padded batch (starting the data over, as a
+    new epoch, when it runs out); :meth:`state_dict` / :meth:`load_state_dict` hold the exact
+    position (epoch + the ``datasets`` iterable state), so a resumed run reads the same blocks
+    an uninterrupted one would have.
+    """
+
+    def __init__(self, make, seq_len: int, pad_token_id: int = 0):
+        self._make, self.seq_len, self.pad_token_id = make, seq_len, pad_token_id
+        self.epoch, self._resume_state = 0, None
+        self._dataset = None
+        self._iter: Iterator | None = None
+
+    def _start(self) -> None:
+        self._dataset = self._make(self.epoch)
+        if self._resume_state is not None:
+            self._dataset.load_state_dict(self._resume_state)
+            self._resume_state = None
+        self._iter = iter(self._dataset)
+
+    def take(self, n: int) -> dict[str, torch.Tensor]:
+        rows: dict[str, list] = {}
+        empty_epochs = 0
+        while len(rows.get("input_ids", ())) < n:
+            if self._iter is None:
+                self._start()
+            try:
+                row = next(self._iter)
+            except StopIteration:
+                empty_epochs = empty_epochs + 1 if not rows else 0
+                if empty_epochs > 1:
+                    raise ValueError("the streamed dataset yields no blocks (no records, or all empty)") from None
+                self.epoch, self._iter = self.epoch + 1, None
+                continue
+            for k, v in row.items():
+                rows.setdefault(k, []).append(v)
+        return _pad_rows(rows, self.seq_len, self.pad_token_id)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self._dataset.state_dict() if self._dataset is not None else self._resume_state
+        return {"epoch": self.epoch, "dataset": state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self._resume_state, self._iter = int(state["epoch"]), state["dataset"], None
+
+
+def _stream_columns(ds) -> list[str]:
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    first = next(iter(ds), None)
+    return sorted(first) if first is not None else []
+
+
+def stream_blocks(
+    source: Any,
+    tokenizer=None,
+    seq_len: int = 512,
+    *,
+    packing: bool = True,
+    mask_prompt: bool = True,
+    text_field: str = "text",
+    split: str = "train",
+    pad_token_id: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    reset_position_ids: bool = False,
+) -> TokenStream:
+    """Tokenize and pack ``source`` on the fly, this process's shard only (``split_dataset_by_node``).
+
+    The corpus must have at least ``world`` shards (files, or ``to_iterable_dataset(num_shards=)``)
+    so that each process reads its own files. No shuffle buffer is used: its content could not
+    be restored on resume.
+    """
+    from datasets.distributed import split_dataset_by_node
+
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    ds = load_records(source, split=split, text_field=text_field, streaming=True)
+    columns = _stream_columns(ds)
+    if text_field not in columns and "input_ids" not in columns and not {"prompt", "completion"} <= set(columns):
+        raise ValueError(
+            f"the streamed dataset has no {text_field!r} column (columns: {', '.join(columns) or 'none'}); "
+            "set text_field to the column holding the text, or give 'input_ids' or 'prompt' + 'completion'"
+        )
+    if ds.num_shards < world:
+        raise ValueError(
+            f"the streamed dataset has {ds.num_shards} shard(s) (files) for {world} processes; each process needs "
+            f"its own: split the corpus into at least {world} files (or to_iterable_dataset(num_shards={world})), "
+            "or train without streaming"
+        )
+    if world > 1:
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world)
+
+    def make(epoch: int):
+        tokenized = ds.map(
+            _Tokenize(tokenizer, text_field, mask_prompt, arrow_out=False),
+            batched=True,
+            with_indices=True,
+            remove_columns=columns,
+            features=_features(False),
+        )
+        return tokenized.map(
+            _Pack(seq_len, packing, reset_position_ids, arrow_out=False),
+            batched=True,
+            batch_size=PACK_GROUP,
+            remove_columns=["input_ids", "labels"],
+            features=_features(reset_position_ids, packed=True),
+        )
+
+    return TokenStream(make, seq_len, pad_token_id)
+
+
+# ---------------------------------------------------------------------------- recipes
+def _is_main_process() -> bool:
+    try:
+        from accelerate import PartialState
+
+        return PartialState().is_main_process
+    except Exception:  # noqa: BLE001 - no accelerate state: a single process
+        return True
+
+
+def _load_source(src: Any, text_field: str, *, streaming: bool = False):
+    """Records of one data source (a path / hub name, or a mapping with hub options) and its weight."""
+    spec = dict(src) if isinstance(src, dict) else {"path": src}
+    path = spec["path"]
+    split = spec.get("split") or "train"
+    if spec.get("name") or spec.get("data_dir"):
+        import datasets
+
+        records = datasets.load_dataset(
+            path, spec.get("name"), data_dir=spec.get("data_dir"), split=split, streaming=streaming
+        )
+    else:
+        records = load_records(path, split=split, text_field=text_field, streaming=streaming)
+    columns = {k: v for k, v in (spec.get("columns") or {}).items() if k != v}
+    if columns:
+        names = records.column_names or []
+        clash = [v for v in columns.values() if v in names and v not in columns]
+        records = records.remove_columns(clash).rename_columns(columns)
+    limit = spec.get("max_records")
+    if limit is not None:
+        records = records.take(limit) if streaming else records.select(range(min(limit, len(records))))
+    return records, float(spec.get("weight", 1.0))
+
+
+def _recipe_option(cfg, name: str, default: Any = None) -> Any:
+    from omegaconf import OmegaConf
+
+    for key in (f"data.{name}", f"train.{name}"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            return value
+    return default
+
+
+def build_data(
+    sources: Any, composer, cfg, seq_len: int | None = None, *, seed: int = 0, streaming: bool = False
+) -> Any:
+    """Tokenized, packed blocks of one or more recipe sources, ``weight``-ed (repeated), concatenated.
+
+    ``streaming=True``: the sources themselves, streamed (an ``IterableDataset``; several are
+    interleaved with probabilities proportional to their weights), for ``fit(..., streaming=True)``.
+    """
+    import datasets
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(sources):
+        sources = OmegaConf.to_container(sources, resolve=True)
+    sources = sources if isinstance(sources, list) else [sources]
+    if streaming:
+        loaded = [_load_source(src, cfg.data.text_field, streaming=True) for src in sources]
+        if len(loaded) == 1:
+            return loaded[0][0]
+        total = sum(w for _, w in loaded)
+        return datasets.interleave_datasets(
+            [r for r, _ in loaded], probabilities=[w / total for _, w in loaded], seed=seed,
+            stopping_strategy="all_exhausted",
+        )  # fmt: skip
+    pad = getattr(composer.model.config, "pad_token_id", None)
+    pad = pad if isinstance(pad, int) and pad >= 0 else 0
+    seq_len = seq_len or cfg.data.seq_len
+    parts = []
+    for src in sources:
+        records, weight = _load_source(src, cfg.data.text_field)
+        blocks = build_blocks(
+            records,
+            composer.tokenizer,
+            seq_len,
+            packing=cfg.data.packing,
+            mask_prompt=cfg.data.mask_prompt,
+            text_field=cfg.data.text_field,
+            pad_token_id=pad,
+            num_proc=_recipe_option(cfg, "num_proc"),
+            cache_dir=_recipe_option(cfg, "cache_dir") or _recipe_option(cfg, "data_cache_dir"),
+            reset_position_ids=bool(_recipe_option(cfg, "reset_position_ids", False)),
+        )
+        whole, frac = int(weight), weight - int(weight)
+        idx = list(range(len(blocks))) * whole
+        if frac:
+            perm = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+            idx += perm[: round(frac * len(blocks))].tolist()
+        parts.append(blocks.dataset.with_format(None).select(idx))
+    return TokenBlocks(datasets.concatenate_datasets(parts), seq_len, pad)

@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .data import build_blocks, load_records
+from .data import IGNORE, build_blocks, collate, load_records
 from .harness import lm_eval
-from .train import eval_loss_sums
 
 if TYPE_CHECKING:
     from .composer import Composer
 
 __all__ = [
+    "eval_loss_sums",
     "evaluate_loss",
     "perplexity_report",
     "exact_match",
@@ -39,6 +39,47 @@ __all__ = [
     "plot_forgetting",
     "lm_eval",
 ]
+
+
+@torch.no_grad()
+def eval_loss_sums(
+    model: torch.nn.Module,
+    blocks: Any,
+    batch_size: int,
+    device,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    max_batches: int | None = None,
+    autocast=None,
+) -> tuple[float, int]:
+    """Summed next-token loss and token count over this process's share of ``blocks``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    idx = list(range(rank, len(blocks), world))
+    batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    try:
+        for rows in batches:
+            batch = blocks.batch(rows) if hasattr(blocks, "batch") else collate([blocks[i] for i in rows])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+            with autocast() if autocast is not None else torch.autocast(device_type="cpu", enabled=False):
+                logits = model(**inputs).logits
+            labels = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=IGNORE,
+                reduction="sum",
+            )
+            total += float(loss)
+            count += int((labels != IGNORE).sum())
+    finally:
+        model.train(was_training)
+    return total, count
 
 
 def evaluate_loss(

@@ -1,52 +1,77 @@
-"""The training loop, on accelerate.
+"""The training loop, on accelerate, in pieces: setup, resume, step, evaluate, checkpoint.
 
-One loop serves every strategy: it trains exactly the parameters whose
-``requires_grad`` is set (and gives only those to the optimizer), so the frozen models
-are untouched by construction.
+:func:`train` receives a model and data and returns a :class:`TrainResult`; it trains
+exactly the parameters whose ``requires_grad`` is set (only those reach the optimizer), so
+frozen models are untouched by construction. ``Composer.fit`` is a thin caller.
 
-Features: bf16/fp16 autocast when a GPU is there (trainable tensors kept in fp32),
-gradient accumulation, non-reentrant gradient checkpointing (works with frozen inputs),
-warmup + cosine/linear/constant schedule, decoupled weight decay on matrices only,
-clipping, periodic eval loss, a tqdm bar, accelerate trackers (tensorboard when
-installed), atomic checkpoints of the *trainable* tensors + optimizer + schedule + RNG,
-and ``resume`` that continues a killed run to the same weights as an uninterrupted one.
+Features: bf16/fp16 autocast (on a GPU, and on CPU when the frozen weights are bf16/fp16;
+trainable tensors are kept in fp32), gradient accumulation, non-reentrant gradient
+checkpointing, ``transformers.get_scheduler`` schedules (warmup, cosine with a floor,
+linear, constant), decoupled weight decay on matrices only, clipping, a non-finite guard,
+periodic eval loss, a tqdm bar, accelerate trackers, checkpoints with checksums, resume
+that continues a killed run to the same weights as an uninterrupted one, and a checkpoint
+on Ctrl-C.
 
-Data order is a pure function of ``(seed, step)``: micro-batch ``g`` takes rows
-``g*B*W ... (g+1)*B*W - 1`` of an endless stream of seeded permutations, rank ``r``
-the ``r``-th slice of ``B`` rows. Resuming therefore needs no data-loader state.
-Under ``accelerate launch`` the model is wrapped by accelerate (DDP; FSDP/DeepSpeed
-through their accelerate configs, see docs/distributed.md).
+Data order. Map-style data: a pure function of ``(seed, step)``: micro-batch ``g`` takes
+rows ``g*B*W ... (g+1)*B*W - 1`` of an endless stream of seeded permutations, rank ``r``
+the ``r``-th slice of ``B`` rows. Streaming data: each process reads its own shard in
+order; its exact position is stored in every checkpoint.
+
+Checkpoints (``output_dir/checkpoints/step-N``) are the same for every distributed type
+(one process, DDP, FSDP2): the full state of the *trainable* tensors, the optimizer state
+keyed by parameter name (safetensors + JSON), the scheduler, the RNG, the data position,
+and last a ``manifest.json`` with the sha256 of every file. Nothing is unpickled on resume.
+FSDP2 state is gathered and re-sharded with ``torch.distributed.checkpoint.state_dict``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import re
+import signal
 import time
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from . import arch
-from .data import IGNORE, TokenBlocks, build_blocks, collate
+from .data import IGNORE, TokenBlocks, build_blocks, check_cache_dir, check_num_proc, stream_blocks
+from .evaluate import eval_loss_sums
 from .io import atomic_directory, read_json, write_json
 
-if TYPE_CHECKING:
-    from .composer import Composer
-
-__all__ = ["TrainConfig", "train", "latest_checkpoint"]
+__all__ = ["TrainConfig", "TrainResult", "train", "latest_checkpoint", "verify_checkpoint", "CheckpointError"]
 
 CHECKPOINT_DIR = "checkpoints"
+MANIFEST = "manifest.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 # Fields that fix the data order and the schedule: a resumed run must keep them.
-_RESUME_INVARIANT = ("batch_size", "gradient_accumulation_steps", "seq_len", "seed", "packing", "max_steps")
+_RESUME_INVARIANT = (
+    "batch_size",
+    "gradient_accumulation_steps",
+    "seq_len",
+    "seed",
+    "packing",
+    "max_steps",
+    "streaming",
+    "lr_scheduler",
+    "warmup_ratio",
+    "min_lr_ratio",
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is incomplete or damaged (names the file)."""
 
 
 @dataclass
@@ -116,6 +141,19 @@ class TrainConfig:
     """Record field holding the text."""
     progress: bool = True
     """Show a tqdm progress bar (main process only)."""
+    streaming: bool = False
+    """Tokenize and pack the training data on the fly from an ``IterableDataset`` (each process reads its own
+    shard, the position is checkpointed); for corpora too big to prepare on disk first."""
+    num_proc: int | None = None
+    """Worker processes for tokenizing and packing (``datasets.map(num_proc=...)``); ``None``: this process."""
+    data_cache_dir: str | None = None
+    """Where ``datasets`` keeps the Arrow files and the cached tokenized/packed data (default: its own cache)."""
+    reset_position_ids: bool = False
+    """Restart ``position_ids`` at each packed document (flash-attention-2 then also stops attention at
+    document boundaries; SDPA/eager attention still sees the whole block)."""
+    on_nonfinite: Literal["error", "skip"] = "error"
+    """A NaN/inf loss or gradient: ``error`` stops with an error naming the step; ``skip`` drops that step's
+    update and counts it (``skipped_steps`` in the metrics)."""
     callbacks: list[Any] = field(default_factory=list, repr=False)
     """Callables ``cb(step, metrics)`` run after every optimizer step on every process."""
 
@@ -145,6 +183,11 @@ class TrainConfig:
             raise ValueError(f"lr_scheduler must be cosine, linear or constant, got {self.lr_scheduler!r}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.on_nonfinite not in ("error", "skip"):
+            raise ValueError(f"on_nonfinite must be 'error' or 'skip', got {self.on_nonfinite!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check_num_proc(self.num_proc)
         if self.resume and self.output_dir is None and not isinstance(self.resume, str):
             raise ValueError("resume=True needs output_dir (where the checkpoints are)")
         self.adam_betas = tuple(self.adam_betas)
@@ -163,19 +206,51 @@ class TrainConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "callbacks"}
 
 
-# ---------------------------------------------------------------------------- helpers
-def _lr_factor(step: int, config: TrainConfig) -> float:
-    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based)."""
+@dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    model: nn.Module
+    """The trained model, unwrapped from accelerate (on the main process it holds the full weights)."""
+    history: list[dict[str, float]]
+    """Logged metrics, one dict per logged step."""
+    step: int = 0
+    """Optimizer steps done (``max_steps`` unless stopped)."""
+    skipped_steps: int = 0
+    """Steps whose update was dropped by ``on_nonfinite='skip'``."""
+    resumed_from: str | None = None
+    """The checkpoint this run continued from."""
+
+
+# ---------------------------------------------------------------------------- schedule
+_SCHEDULER_NAMES = {"cosine": "cosine_with_min_lr", "linear": "warmup_stable_decay", "constant": "constant_with_warmup"}
+
+
+def make_scheduler(optimizer, config: TrainConfig):
+    """``transformers.get_scheduler`` for ``config``: warmup, then cosine/linear decay to ``min_lr_ratio``."""
+    from transformers import get_scheduler
+
     warmup = int(config.warmup_ratio * config.max_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    if config.lr_scheduler == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, config.max_steps - warmup)
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if config.lr_scheduler == "cosine" else 1 - progress
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * decay
+    kwargs: dict[str, Any] = {}
+    if config.lr_scheduler == "cosine":
+        kwargs = {"min_lr_rate": config.min_lr_ratio}
+    elif config.lr_scheduler == "linear" and config.min_lr_ratio > 0:
+        # warmup_stable_decay: its warmup starts from the floor rather than from 0
+        decay = max(1, config.max_steps - warmup)
+        kwargs = {"num_decay_steps": decay, "min_lr_ratio": config.min_lr_ratio, "decay_type": "linear"}
+    name = _SCHEDULER_NAMES[config.lr_scheduler]
+    if config.lr_scheduler == "linear" and config.min_lr_ratio == 0:
+        name = "linear"
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=config.max_steps,
+        scheduler_specific_kwargs=kwargs,
+    )
 
 
+# ---------------------------------------------------------------------------- helpers
 def _model_config(model: nn.Module):
     config = getattr(model, "config", None)
     if config is None:
@@ -202,99 +277,35 @@ class _Order:
         return out
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint under ``output_dir/checkpoints`` (complete = atomically renamed)."""
-    root = Path(output_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
-    found = [(s, p) for s, p in found if (p / "trainer_state.json").is_file()]
-    return max(found)[1] if found else None
+class _OrderedBatches:
+    """Micro-batches of map-style blocks; the position is the step itself, so there is no state."""
+
+    def __init__(self, blocks: TokenBlocks, config: TrainConfig, rank: int, world: int):
+        self.blocks, self.order = blocks, _Order(len(blocks), config.seed)
+        self.size, self.rank, self.world = config.batch_size, rank, world
+
+    def next(self, g: int) -> dict[str, torch.Tensor]:
+        return self.blocks.batch(self.order.rows(g * self.size * self.world + self.rank * self.size, self.size))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
 
-def _save_checkpoint(path: Path, model: nn.Module, optimizer, step: int, config: TrainConfig, world: int) -> None:
-    from safetensors.torch import save_file
+class _StreamBatches:
+    def __init__(self, stream, size: int):
+        self.stream, self.size = stream, size
 
-    with atomic_directory(path) as tmp:
-        tensors = {
-            n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad
-        }
-        save_file(tensors, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, tmp / "rng.pt")
-        write_json(
-            tmp / "trainer_state.json",
-            {"step": step, "world_size": world, "config": config.to_dict()},
-        )
+    def next(self, g: int) -> dict[str, torch.Tensor]:
+        return self.stream.take(self.size)
 
+    def state_dict(self) -> dict[str, Any]:
+        return self.stream.state_dict()
 
-def _save_sharded_checkpoint(accelerator, path: Path, step: int, config: TrainConfig, world: int) -> None:
-    """accelerate's collective save into a hidden folder, renamed by the main process once all wrote."""
-    import shutil
-
-    tmp = path.parent / f".{path.name}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / "trainer_state.json", {"step": step, "world_size": world, "config": config.to_dict()})
-        os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path, model: nn.Module, optimizer, config: TrainConfig, world: int) -> int:
-    from safetensors.torch import load_file
-
-    state = read_json(path / "trainer_state.json")
-    saved = state["config"]
-    changed = [k for k in _RESUME_INVARIANT if k in saved and _jsonable(saved[k]) != _jsonable(getattr(config, k))]
-    if state.get("world_size", 1) != world:
-        changed.append(f"number of processes ({state.get('world_size')} -> {world})")
-    if changed:
-        raise ValueError(
-            f"cannot resume from {path}: these settings differ from the interrupted run: {', '.join(changed)}. "
-            "Resume with the same settings, or start a new output_dir."
-        )
-    tensors = load_file(str(path / "trainable.safetensors"))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(tensors) != set(params):
-        raise ValueError(
-            f"checkpoint {path} holds trainable tensors {sorted(set(tensors) ^ set(params))[:5]} that do not match "
-            "the model being trained: was it written by another strategy or model?"
-        )
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[n])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return int(state["step"])
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after ``step`` by an interrupted run, so the resumed log reads as one run."""
-    if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
-
-
-def _prune_checkpoints(output_dir: Path, keep: int) -> None:
-    import shutil
-
-    root = output_dir / CHECKPOINT_DIR
-    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)))
-    for _, p in found[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -305,6 +316,15 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     if not decay and not no_decay:
         raise ValueError("the model has no trainable parameters: the strategy froze everything")
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _low_precision(model: nn.Module) -> torch.dtype | None:
+    """bf16/fp16 when frozen floating-point weights are stored in it (else ``None``)."""
+    dtypes = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
+    for dt in (torch.bfloat16, torch.float16):
+        if dt in dtypes:
+            return dt
+    return None
 
 
 def _resolve_mixed_precision(value: str) -> str:
@@ -332,6 +352,17 @@ def _trackers(config: TrainConfig) -> list[str] | None:
             return None
         return ["tensorboard"]
     return [config.report_to] if isinstance(config.report_to, str) else list(config.report_to)
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Forward inputs; with per-document ``position_ids`` an all-ones mask is dropped so that
+    flash-attention-2 sees the packed documents (transformers detects them from the positions)."""
+    out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "position_ids" in batch:
+        out["position_ids"] = batch["position_ids"]
+        if bool(batch["attention_mask"].all()):
+            del out["attention_mask"]
+    return out
 
 
 def _ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -372,7 +403,7 @@ class ChunkedLoss:
 
         setattr(self.model, self.head_name, nn.Identity())
         try:
-            hidden = wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            hidden = wrapped(**_model_inputs(batch)).logits
         finally:
             setattr(self.model, self.head_name, self.head)
         targets = batch["labels"][:, 1:].reshape(-1)
@@ -387,53 +418,271 @@ class ChunkedLoss:
         return total / max(targets.numel(), 1)
 
 
-@torch.no_grad()
-def eval_loss_sums(
-    model: nn.Module,
-    blocks: TokenBlocks,
-    batch_size: int,
-    device,
-    *,
-    rank: int = 0,
-    world: int = 1,
-    max_batches: int | None = None,
-    autocast=None,
-) -> tuple[float, int]:
-    """Summed next-token loss and token count over this process's share of ``blocks``."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    idx = list(range(rank, len(blocks), world))
-    batches = [idx[i : i + batch_size] for i in range(0, len(idx), batch_size)]
-    if max_batches is not None:
-        batches = batches[:max_batches]
+# ---------------------------------------------------------------------------- checkpoint files
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories under ``output_dir/checkpoints`` that were completely written, newest first."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True) if (p / MANIFEST).is_file()]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest completely written checkpoint under ``output_dir/checkpoints`` (not verified)."""
+    found = _checkpoints(output_dir)
+    return found[0] if found else None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check every file of a checkpoint against its manifest; returns ``trainer_state.json``.
+
+    Raises :class:`CheckpointError` naming the missing, truncated or altered file.
+    """
+    path = Path(path)
     try:
-        for rows in batches:
-            batch = {k: v.to(device) for k, v in collate([blocks[i] for i in rows]).items()}
-            ctx = autocast() if autocast is not None else torch.autocast(device_type="cpu", enabled=False)
-            with ctx:
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels.reshape(-1),
-                ignore_index=IGNORE,
-                reduction="sum",
-            )
-            total += float(loss)
-            count += int((labels != IGNORE).sum())
-    finally:
-        model.train(was_training)
-    return total, count
+        manifest = read_json(path / MANIFEST)
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / MANIFEST} is missing or unreadable ({e}): incomplete checkpoint") from e
+    for name, digest in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{f} does not match its checksum in {MANIFEST} (truncated or altered)")
+    return read_json(path / "trainer_state.json")
+
+
+def _tensor_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict (keyed by parameter name) into tensors and JSON."""
+    tensors, plain = {}, {"state": {}, "param_groups": _jsonable(state["param_groups"])}
+    for name, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}::{key}"] = value.detach().to("cpu").contiguous().clone()
+            else:
+                plain["state"].setdefault(name, {})[key] = value
+    return tensors, plain
+
+
+def _untensor_state(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {k: dict(v) for k, v in plain["state"].items()}
+    for key, value in tensors.items():
+        name, sub = key.rsplit("::", 1)
+        state.setdefault(name, {})[sub] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def _write_checkpoint(tmp: Path, parts: dict[str, Any]) -> None:
+    """Write one checkpoint's files into ``tmp``; the manifest (checksums) last."""
+    from safetensors.torch import save_file
+
+    save_file(parts["model"], str(tmp / "trainable.safetensors"))
+    opt_tensors, opt_plain = _tensor_state(parts["optimizer"])
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    write_json(tmp / "optimizer.json", opt_plain)
+    write_json(tmp / "scheduler.json", _jsonable(parts["scheduler"]))
+    save_file(parts["rng"], str(tmp / "rng.safetensors"))
+    write_json(tmp / "data.json", parts["data"])
+    write_json(tmp / "trainer_state.json", parts["trainer_state"])
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    write_json(tmp / MANIFEST, {"files": files})
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after ``step`` by an interrupted run, so the resumed log reads as one run."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def _prune_checkpoints(output_dir: Path, keep: int) -> None:
+    import shutil
+
+    root = output_dir / CHECKPOINT_DIR
+    found = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)))
+    for _, p in found[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
 
 
 # ---------------------------------------------------------------------------- the loop
-def train(composer: Composer, train_data: Any, eval_data: Any, config: TrainConfig) -> list[dict[str, float]]:
-    """Train ``composer.model``'s trainable parameters; returns the logged metrics."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+@dataclass
+class _Run:
+    """Everything one training run holds between its pieces."""
 
-    model = composer.model
+    config: TrainConfig
+    model: nn.Module
+    accelerator: Any
+    wrapped: nn.Module
+    optimizer: Any
+    scheduler: Any
+    batches: Any
+    eval_blocks: TokenBlocks | None
+    loss_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    autocast: Callable[[], Any]
+    output_dir: Path | None
+    sharded: bool
+    desc: str = "fit"
+    step: int = 0
+    skipped: int = 0
+    tokens_seen: int = 0
+    consistent: bool = True
+    interrupted: bool = False
+    saved_step: int = -1
+    resumed_from: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    trackers: list[str] | None = None
+    skeleton: nn.Module | None = None
+    upcast: dict[str, torch.dtype] = field(default_factory=dict)
+    bar: Any = None
+    t0: float = field(default_factory=time.perf_counter)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
+def train(
+    model: nn.Module,
+    train_data: Any,
+    eval_data: Any = None,
+    config: TrainConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    save_model: Callable[[nn.Module, Path], Any] | None = None,
+    desc: str = "fit",
+) -> TrainResult:
+    """Train ``model``'s trainable parameters on ``train_data``.
+
+    ``save_model(model, directory)`` writes the final model (``Composer.save`` for a
+    Composer; default ``model.save_pretrained``) to ``output_dir/final``.
+    """
+    config = config or TrainConfig()
+    resume_from = _resume_candidates(config)
+    run = _setup(model, train_data, eval_data, config, tokenizer, desc)
+    with _sigint_deferred(run):
+        try:
+            _resume(run, resume_from)
+            _start_logging(run)
+            while run.step < config.max_steps:
+                entry = _train_step(run)
+                _after_step(run, entry)
+        except KeyboardInterrupt:
+            _checkpoint_on_interrupt(run)
+            raise
+        finally:
+            _close(run)
+    _finish(run, save_model)
+    return TrainResult(run.model, run.history, run.step, run.skipped, run.resumed_from)
+
+
+def _resume_candidates(config: TrainConfig) -> list[Path]:
+    """Checkpoints to try, newest first (checked before anything is loaded or written)."""
+    output_dir = Path(config.output_dir) if config.output_dir else None
+    if isinstance(config.resume, str):
+        path = Path(config.resume)
+        if not (path / MANIFEST).is_file() and not (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"resume={config.resume!r} is not a checkpoint directory (no {MANIFEST})")
+        return [path]
+    if output_dir is None:
+        return []
+    found = _checkpoints(output_dir)
+    root = output_dir / CHECKPOINT_DIR
+    legacy = sorted(p.name for p in root.glob("step-*") if p.is_dir() and p not in found) if root.is_dir() else []
+    if config.resume and legacy and not found:
+        raise CheckpointError(
+            f"{root} holds checkpoints without {MANIFEST} ({', '.join(legacy[:3])}): written by an older compose, "
+            "whose format this version cannot resume. Finish that run with the version that wrote it, or start "
+            "over with overwrite_output_dir=True"
+        )
+    if config.resume:
+        return found
+    if (found or legacy) and not config.overwrite_output_dir:
+        raise ValueError(
+            f"{output_dir} already holds checkpoints; pass resume=True to continue that run, "
+            "overwrite_output_dir=True to start over, or use a new output_dir"
+        )
+    return []
+
+
+def _make_accelerator(config: TrainConfig, output_dir: Path | None):
+    """An ``Accelerator`` for this run; a previous run's different ``mixed_precision`` is reset first."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    precision = _resolve_mixed_precision(config.mixed_precision)
+    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    if previous is not None and previous != precision:
+        # accelerate keeps one process-wide state and refuses a second precision; the process
+        # group (PartialState) is kept, only the precision settings are dropped.
+        AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(
+        # Without this, processes started by torchrun / `accelerate launch --multi_gpu` on a
+        # machine with no GPU would each train alone instead of joining a gloo group.
+        cpu=not _has_accelerator(),
+        mixed_precision=precision,
+        log_with=_trackers(config),
+        project_dir=str(output_dir) if output_dir else None,
+    )
+    _fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """Honour an FSDP launch (``ACCELERATE_USE_FSDP``) on a machine without GPUs.
+
+    accelerate 1.x only turns a launch into FSDP from its multi-GPU modes; on CPU the
+    processes join a gloo group as MULTI_CPU and the FSDP settings are silently dropped
+    (plain DDP). The FSDP2 code (``fully_shard``) itself runs on CPU with gloo, so the
+    accelerate state is switched to FSDP with the plugin read from the same environment.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    wants = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wants or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ValueError(
+            "FSDP on a machine without GPUs needs fsdp_version: 2 (FSDP1 has no CPU path); "
+            "set it in the accelerate config or pass --fsdp_version 2"
+        )
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
+def _make_data(model, train_data, eval_data, tokenizer, config: TrainConfig, rank: int, world: int):
     model_config = _model_config(model)
     limit = arch.max_positions(model_config)
     if limit is not None and config.seq_len > limit:
@@ -441,56 +690,57 @@ def train(composer: Composer, train_data: Any, eval_data: Any, config: TrainConf
             f"seq_len={config.seq_len} is beyond the model's {limit} positions (max_position_embeddings); "
             f"use seq_len <= {limit}"
         )
-    output_dir = Path(config.output_dir) if config.output_dir else None
-    resume_from: Path | None = None
-    if isinstance(config.resume, str):
-        resume_from = Path(config.resume)
-        if not (resume_from / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"resume={config.resume!r} is not a checkpoint directory (no trainer_state.json)")
-    elif config.resume and output_dir is not None:
-        resume_from = latest_checkpoint(output_dir)
-    elif output_dir is not None and latest_checkpoint(output_dir) is not None and not config.overwrite_output_dir:
-        raise ValueError(
-            f"{output_dir} already holds checkpoints; pass resume=True to continue that run, "
-            "overwrite_output_dir=True to start over, or use a new output_dir"
-        )
-
-    pad_id = getattr(model_config, "pad_token_id", None)
-    pad_id = pad_id if isinstance(pad_id, int) and pad_id >= 0 else 0
-
-    def blocks_of(data: Any) -> TokenBlocks:
-        return build_blocks(
-            data,
-            composer.tokenizer,
-            config.seq_len,
-            packing=config.packing,
-            mask_prompt=config.mask_prompt,
-            text_field=config.text_field,
-            pad_token_id=pad_id,
-        )
-
-    blocks = blocks_of(train_data)
-    eval_blocks = blocks_of(eval_data) if eval_data is not None else None
-
-    trackers = _trackers(config)
-    accelerator = Accelerator(
-        # Without this, processes started by torchrun / `accelerate launch --multi_gpu` on a
-        # machine with no GPU would each train alone instead of joining a gloo group.
-        cpu=not _has_accelerator(),
-        mixed_precision=_resolve_mixed_precision(config.mixed_precision),
-        log_with=trackers,
-        project_dir=str(output_dir) if output_dir else None,
+    pad = getattr(model_config, "pad_token_id", None)
+    pad = pad if isinstance(pad, int) and pad >= 0 else 0
+    opts = dict(
+        packing=config.packing,
+        mask_prompt=config.mask_prompt,
+        text_field=config.text_field,
+        pad_token_id=pad,
+        reset_position_ids=config.reset_position_ids,
     )
-    set_seed(config.seed)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    main = accelerator.is_main_process
-    # FSDP / DeepSpeed shard parameters and optimizer state across processes: checkpoints then go
-    # through accelerate's collective save_state/load_state instead of compose's own small format.
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    extra = dict(num_proc=config.num_proc, cache_dir=config.data_cache_dir)
+    with _datasets_progress(config.progress):
+        return _build_data(train_data, eval_data, tokenizer, config, rank, world, opts, extra)
 
+
+@contextlib.contextmanager
+def _datasets_progress(show: bool):
+    """``progress=False`` also silences datasets' tokenize/pack bars."""
+    import datasets as ds_tqdm
+
+    was_on = not ds_tqdm.are_progress_bars_disabled()
+    if not show and was_on:
+        ds_tqdm.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not show and was_on:
+            ds_tqdm.enable_progress_bars()
+
+
+def _build_data(train_data, eval_data, tokenizer, config: TrainConfig, rank: int, world: int, opts, extra):
+    if config.streaming:
+        if config.data_cache_dir is not None:
+            check_cache_dir(config.data_cache_dir)
+        batches = _StreamBatches(
+            stream_blocks(train_data, tokenizer, config.seq_len, rank=rank, world=world, **opts), config.batch_size
+        )
+    else:
+        batches = _OrderedBatches(
+            build_blocks(train_data, tokenizer, config.seq_len, **opts, **extra), config, rank, world
+        )
+    evals = build_blocks(eval_data, tokenizer, config.seq_len, **opts, **extra) if eval_data is not None else None
+    return batches, evals
+
+
+def _prepare_model(model: nn.Module, config: TrainConfig, device) -> dict[str, torch.dtype]:
+    """Ready ``model`` for training; returns the low-precision dtypes of the trainable tensors it upcast."""
     # Master copies of trainable tensors in fp32 even when the frozen base is bf16/fp16.
-    for p in model.parameters():
+    upcast = {}
+    for name, p in model.named_parameters():
         if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            upcast[name] = p.dtype
             p.data = p.data.float()
     if config.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
@@ -498,157 +748,405 @@ def train(composer: Composer, train_data: Any, eval_data: Any, config: TrainConf
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = False
-    model.to(accelerator.device)
+    model.to(device)
     model.train()
+    return upcast
 
+
+def _setup(model, train_data, eval_data, config: TrainConfig, tokenizer, desc: str) -> _Run:
+    from accelerate.utils import DistributedType, set_seed
+
+    output_dir = Path(config.output_dir) if config.output_dir else None
+    accelerator = _make_accelerator(config, output_dir)
+    set_seed(config.seed)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise NotImplementedError(
+            "training under DeepSpeed is not supported: compose gathers and re-shards its checkpoints with "
+            "torch.distributed.checkpoint, which does not know DeepSpeed engines. Launch with FSDP2 instead "
+            "(recipes/accelerate/fsdp.yaml shards parameters, gradients and optimizer state like ZeRO-3)"
+        )
+    rank, world = accelerator.process_index, accelerator.num_processes
+    batches, eval_blocks = _make_data(model, train_data, eval_data, tokenizer, config, rank, world)
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    low = _low_precision(model)
+    upcast = _prepare_model(model, config, accelerator.device)
     groups = _param_groups(model, config.weight_decay)
     fused = accelerator.device.type == "cuda" and all(p.dtype == torch.float32 for g in groups for p in g["params"])
     optimizer = torch.optim.AdamW(
         groups, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps, fused=fused or None
     )
+    skeleton = None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        _fsdp_buffer_loading(accelerator, model)
+        skeleton = _meta_skeleton(model)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
-    chunked = (
-        ChunkedLoss(accelerator.unwrap_model(wrapped), config.loss_chunk_tokens)
-        if config.chunked_loss and not sharded and ChunkedLoss.supports(accelerator.unwrap_model(wrapped))
-        else None
-    )
+    scheduler = make_scheduler(optimizer, config)
+    unwrapped = accelerator.unwrap_model(wrapped)
+    chunked = None
+    if config.chunked_loss and not sharded and ChunkedLoss.supports(unwrapped):
+        chunked = ChunkedLoss(unwrapped, config.loss_chunk_tokens)
 
-    step = 0
-    if resume_from is not None:
-        if sharded:
-            accelerator.load_state(str(resume_from))
-            step = int(read_json(resume_from / "trainer_state.json")["step"])
-        else:
-            step = _load_checkpoint(resume_from, accelerator.unwrap_model(wrapped), optimizer, config, world)
-        if main and output_dir is not None:
-            _truncate_metrics(output_dir / "metrics.jsonl", step)
-        accelerator.print(f"compose: resumed from {resume_from} at step {step}/{config.max_steps}")
-    if output_dir is not None and main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if not config.resume and config.overwrite_output_dir and (output_dir / CHECKPOINT_DIR).exists():
+    def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (
+            chunked(wrapped, batch)
+            if chunked is not None
+            else wrapped(**_model_inputs(batch), labels=batch["labels"]).loss
+        )
+
+    if accelerator.mixed_precision != "no" or low is None:
+        autocast = accelerator.autocast
+    else:  # frozen bf16/fp16 weights with fp32 trainable ones: compute in the frozen dtype
+        autocast = lambda: torch.autocast(accelerator.device.type, dtype=low)  # noqa: E731
+    return _Run(
+        config, unwrapped, accelerator, wrapped, optimizer, scheduler, batches, eval_blocks, loss_fn, autocast,
+        output_dir, sharded, desc, trackers=_trackers(config), skeleton=skeleton, upcast=upcast,
+    )  # fmt: skip
+
+
+def _fsdp_buffer_loading(accelerator, model: nn.Module) -> None:
+    """accelerate's FSDP2 ``cpu_ram_efficient_loading`` assumes every state-dict entry is a sharded
+    parameter and fails on persistent buffers (CALM's per-connection ``scale``). compose has the
+    full model on every process anyway, so that broadcast is switched off for such models."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or not getattr(plugin, "cpu_ram_efficient_loading", False):
+        return
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = [n for n in model.state_dict() if n not in params]
+    if buffers:
+        plugin.cpu_ram_efficient_loading = False
+
+
+def _meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters are on the meta device (no memory), buffers real.
+
+    FSDP2 turns the model itself into a sharded module whose ``state_dict`` always yields
+    shards; the final full weights are loaded into this plain copy on the main process.
+    """
+    import copy
+
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def _resume(run: _Run, candidates: list[Path]) -> None:
+    """Load the newest good checkpoint of ``candidates``; a damaged one is skipped with a warning."""
+    config = run.config
+    if run.output_dir is not None and run.main:
+        run.output_dir.mkdir(parents=True, exist_ok=True)
+        if not config.resume and config.overwrite_output_dir and (run.output_dir / CHECKPOINT_DIR).exists():
             import shutil
 
-            shutil.rmtree(output_dir / CHECKPOINT_DIR)
-    if trackers:
-        accelerator.init_trackers("compose", config={k: str(v) for k, v in config.to_dict().items()})
+            shutil.rmtree(run.output_dir / CHECKPOINT_DIR)
+    damaged = []
+    for path in candidates:
+        try:
+            state = verify_checkpoint(path)
+        except CheckpointError as e:
+            if isinstance(config.resume, str):
+                raise
+            damaged.append(str(e))
+            warnings.warn(f"compose: skipping damaged checkpoint: {e}; trying the previous one", stacklevel=3)
+            continue
+        _check_resume_settings(path, state, config, run.world)
+        _load_checkpoint(run, path, state)
+        if run.main and run.output_dir is not None:
+            _truncate_metrics(run.output_dir / "metrics.jsonl", run.step)
+        run.resumed_from = str(path)
+        run.accelerator.print(f"compose: resumed from {path} at step {run.step}/{config.max_steps}")
+        return
+    if damaged:
+        raise CheckpointError(
+            "no usable checkpoint to resume from: " + "; ".join(damaged) + ". Start over with overwrite_output_dir=True"
+        )
 
-    order = _Order(len(blocks), config.seed)
-    per_step = config.batch_size * world
-    history: list[dict[str, float]] = []
-    metrics_path = output_dir / "metrics.jsonl" if output_dir is not None else None
-    bar = None
-    if config.progress and main:
+
+def _check_resume_settings(path: Path, state: dict[str, Any], config: TrainConfig, world: int) -> None:
+    saved = state["config"]
+    changed = [k for k in _RESUME_INVARIANT if k in saved and _jsonable(saved[k]) != _jsonable(getattr(config, k))]
+    if state.get("world_size", 1) != world:
+        changed.append(f"number of processes ({state.get('world_size')} -> {world})")
+    if changed:
+        raise ValueError(
+            f"cannot resume from {path}: these settings differ from the interrupted run: {', '.join(changed)}. "
+            "Resume with the same settings, or start a new output_dir."
+        )
+
+
+def _load_checkpoint(run: _Run, path: Path, state: dict[str, Any]) -> None:
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    tensors = load_file(str(path / "trainable.safetensors"))
+    names = {n for n, p in run.model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    if set(tensors) != names:
+        raise ValueError(
+            f"checkpoint {path} holds trainable tensors {sorted(set(tensors) ^ names)[:5]} that do not match "
+            "the model being trained: was it written by another strategy or model?"
+        )
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(run.wrapped, tensors, options=options)
+    optim = _untensor_state(load_file(str(path / "optimizer.safetensors")), read_json(path / "optimizer.json"))
+    set_optimizer_state_dict(run.wrapped, run.optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    run.scheduler.load_state_dict(read_json(path / "scheduler.json"))
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    data = read_json(path / "data.json")
+    run.batches.load_state_dict(data["ranks"][run.accelerator.process_index])
+    run.step, run.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+    run.saved_step = run.step
+
+
+def _start_logging(run: _Run) -> None:
+    if run.trackers:
+        run.accelerator.init_trackers("compose", config={k: str(v) for k, v in run.config.to_dict().items()})
+    if run.config.progress and run.main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.max_steps, initial=step, desc=f"fit {composer.strategy_name}", dynamic_ncols=True)
+        run.bar = tqdm(total=run.config.max_steps, initial=run.step, desc=run.desc, dynamic_ncols=True)
+    run.t0 = time.perf_counter()
 
-    def log(entry: dict[str, float]) -> None:
-        history.append(entry)
-        if trackers:
-            accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=int(entry["step"]))
-        if main and metrics_path is not None:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
 
-    def run_eval() -> float | None:
-        if eval_blocks is None:
-            return None
-        total, count = eval_loss_sums(
-            wrapped,
-            eval_blocks,
-            config.batch_size,
-            accelerator.device,
-            rank=rank,
-            world=world,
-            max_batches=config.eval_batches,
-            autocast=accelerator.autocast,
+def _train_step(run: _Run) -> dict[str, float]:
+    """One optimizer step: accumulate micro-batches, guard against non-finite values, update."""
+    config, acc = run.config, run.accelerator
+    lr = run.scheduler.get_last_lr()[0]
+    loss_sum = 0.0
+    for micro in range(config.gradient_accumulation_steps):
+        batch = run.batches.next(run.step * config.gradient_accumulation_steps + micro)
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        last = micro == config.gradient_accumulation_steps - 1
+        sync = acc.no_sync(run.wrapped) if (run.world > 1 and not last) else contextlib.nullcontext()
+        with sync, run.autocast():
+            loss = run.loss_fn(batch) / config.gradient_accumulation_steps
+        acc.backward(loss)
+        loss_sum += float(loss.detach())
+        run.tokens_seen += int(batch["attention_mask"].sum()) * run.world
+    grad_norm = acc.clip_grad_norm_(run.wrapped.parameters(), config.max_grad_norm or math.inf)
+    grad_norm = float(grad_norm) if grad_norm is not None else 0.0
+    bad = _any_rank(run, not (math.isfinite(loss_sum) and math.isfinite(grad_norm)))
+    entry: dict[str, float] = {"step": run.step + 1, "loss": loss_sum, "lr": lr}
+    if config.max_grad_norm:
+        entry["grad_norm"] = grad_norm
+    run.consistent = False
+    if bad and config.on_nonfinite == "error":
+        run.optimizer.zero_grad(set_to_none=True)
+        run.consistent = True
+        raise FloatingPointError(
+            f"non-finite training values at step {run.step + 1} (loss {loss_sum}, gradient norm {grad_norm}); "
+            "nothing of this step was applied or saved. Lower learning_rate, check max_grad_norm and the data, "
+            "or pass on_nonfinite='skip' to skip such steps"
         )
-        t = accelerator.reduce(torch.tensor([total, float(count)], device=accelerator.device), reduction="sum")
-        return float(t[0] / t[1].clamp(min=1))
-
-    tokens_seen, t0, loss_acc = 0, time.perf_counter(), 0.0
-    while step < config.max_steps:
-        lr = config.learning_rate * _lr_factor(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for micro in range(config.gradient_accumulation_steps):
-            g = step * config.gradient_accumulation_steps + micro
-            rows = order.rows(g * per_step + rank * config.batch_size, config.batch_size)
-            batch = {k: v.to(accelerator.device) for k, v in collate([blocks[i] for i in rows]).items()}
-            last = micro == config.gradient_accumulation_steps - 1
-            ctx = accelerator.no_sync(wrapped) if (world > 1 and not last) else _nullcontext()
-            with ctx, accelerator.autocast():
-                loss = chunked(wrapped, batch) if chunked is not None else wrapped(**batch).loss
-                loss = loss / config.gradient_accumulation_steps
-            accelerator.backward(loss)
-            loss_sum += float(loss.detach())
-            tokens_seen += int(batch["attention_mask"].sum()) * world
-        if config.max_grad_norm:
-            grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm)
-        else:
-            grad_norm = None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss_acc += loss_sum
-        entry = {"step": step, "loss": loss_sum, "lr": lr}
-        if grad_norm is not None:
-            entry["grad_norm"] = float(grad_norm)
-        if config.eval_every and step % config.eval_every == 0 and step < config.max_steps:
-            entry["eval_loss"] = run_eval()
-        if step == config.max_steps and eval_blocks is not None:
-            entry["eval_loss"] = run_eval()
-        if step % max(1, config.log_every) == 0 or step == config.max_steps or "eval_loss" in entry:
-            elapsed = time.perf_counter() - t0
-            entry["tokens_per_s"] = tokens_seen / max(elapsed, 1e-9)
-            log(entry)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{entry['lr']:.2e}")
-        for cb in config.callbacks:
-            cb(step, entry)
-        if output_dir is not None and (
-            (config.save_every and step % config.save_every == 0) or step == config.max_steps
-        ):
-            accelerator.wait_for_everyone()
-            if main:
-                _save_checkpoint(
-                    output_dir / CHECKPOINT_DIR / f"step-{step:07d}",
-                    accelerator.unwrap_model(wrapped),
-                    optimizer,
-                    step,
-                    config,
-                    world,
-                )
-                _prune_checkpoints(output_dir, config.keep_checkpoints)
-            accelerator.wait_for_everyone()
-    if bar is not None:
-        bar.close()
-    if trackers:
-        accelerator.end_training()
-    composer.model = accelerator.unwrap_model(wrapped)
-    if config.gradient_checkpointing and hasattr(composer.model, "gradient_checkpointing_disable"):
-        composer.model.gradient_checkpointing_disable()
-        if hasattr(composer.model.config, "use_cache"):
-            composer.model.config.use_cache = True
-    composer.model.eval()
-    if output_dir is not None and config.save_final:
-        accelerator.wait_for_everyone()
-        if sharded:
-            # Gather the full weights (collective), then write them from the main process.
-            full = accelerator.get_state_dict(wrapped)
-            if main:
-                composer.model.load_state_dict(full, strict=False, assign=True)
-        if main:
-            composer.save(output_dir / "final")
-        accelerator.wait_for_everyone()
-    return history
+    if bad:
+        run.skipped += 1
+        entry["skipped_steps"] = run.skipped
+    else:
+        run.optimizer.step()
+    with warnings.catch_warnings():  # a skipped step still advances the schedule
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning)
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    run.consistent = True
+    return entry
 
 
-class _nullcontext:
-    def __enter__(self):
+def _any_rank(run: _Run, flag: bool) -> bool:
+    if run.world == 1:
+        return flag
+    t = run.accelerator.reduce(torch.tensor([float(flag)], device=run.accelerator.device), reduction="sum")
+    return bool(t.item() > 0)
+
+
+def _evaluate(run: _Run) -> float | None:
+    if run.eval_blocks is None:
         return None
+    total, count = eval_loss_sums(
+        run.wrapped,
+        run.eval_blocks,
+        run.config.batch_size,
+        run.accelerator.device,
+        rank=run.accelerator.process_index,
+        world=run.world,
+        max_batches=run.config.eval_batches,
+        autocast=run.autocast,
+    )
+    t = run.accelerator.reduce(torch.tensor([total, float(count)], device=run.accelerator.device), reduction="sum")
+    return float(t[0] / t[1].clamp(min=1))
 
-    def __exit__(self, *exc):
-        return False
+
+def _after_step(run: _Run, entry: dict[str, float]) -> None:
+    """Evaluate, log, run callbacks, checkpoint; a deferred Ctrl-C is honoured here."""
+    config, step = run.config, run.step
+    if (config.eval_every and step % config.eval_every == 0) or step == config.max_steps:
+        if run.eval_blocks is not None:
+            entry["eval_loss"] = _evaluate(run)
+    if step % max(1, config.log_every) == 0 or step == config.max_steps or "eval_loss" in entry:
+        entry["tokens_per_s"] = run.tokens_seen / max(time.perf_counter() - run.t0, 1e-9)
+        _log(run, entry)
+    if run.bar is not None:
+        run.bar.update(1)
+        run.bar.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['lr']:.2e}")
+    for cb in config.callbacks:
+        cb(step, entry)
+    due = (config.save_every and step % config.save_every == 0) or step == config.max_steps
+    if run.output_dir is not None and due:
+        _save_checkpoint(run)
+    if _any_rank(run, run.interrupted):
+        _checkpoint_on_interrupt(run)
+        raise KeyboardInterrupt(f"training interrupted at step {step}")
+
+
+def _log(run: _Run, entry: dict[str, float]) -> None:
+    run.history.append(entry)
+    if run.trackers:
+        run.accelerator.log({k: v for k, v in entry.items() if k != "step"}, step=int(entry["step"]))
+    if run.main and run.output_dir is not None:
+        with open(run.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def _gather_state(run: _Run) -> dict[str, Any]:
+    """The full trainable state of every distributed type (a collective: every process calls it)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+    model = get_model_state_dict(run.wrapped, options=options)
+    optimizer = get_optimizer_state_dict(run.wrapped, run.optimizer, options=options)
+    data = [run.batches.state_dict()]
+    if run.world > 1:
+        from accelerate.utils import gather_object
+
+        data = gather_object(data)
+    names = {n for n, p in run.model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    model = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.items() if k in names}
+    return {"model": model, "optimizer": optimizer, "data": {"ranks": _jsonable(data)}}
+
+
+def _save_checkpoint(run: _Run) -> None:
+    """Write ``checkpoints/step-N`` atomically (every process takes part, the main one writes)."""
+    run.accelerator.wait_for_everyone()
+    parts = _gather_state(run)
+    bad = _first_nonfinite(parts["model"]) if run.main else None
+    if _any_rank(run, bad is not None):
+        raise FloatingPointError(
+            f"parameter {bad or '(on the main process)'} holds non-finite values after step {run.step}: "
+            "checkpoint not written (the previous ones are kept); lower learning_rate or check the data"
+        )
+    if run.main:
+        parts["scheduler"] = run.scheduler.state_dict()
+        parts["rng"] = _rng_state()
+        parts["trainer_state"] = {
+            "step": run.step,
+            "skipped_steps": run.skipped,
+            "world_size": run.world,
+            "config": run.config.to_dict(),
+        }
+        with atomic_directory(run.output_dir / CHECKPOINT_DIR / f"step-{run.step:07d}") as tmp:
+            _write_checkpoint(tmp, parts)
+        _prune_checkpoints(run.output_dir, run.config.keep_checkpoints)
+    run.saved_step = run.step
+    run.accelerator.wait_for_everyone()
+
+
+def _checkpoint_on_interrupt(run: _Run) -> None:
+    """Ctrl-C: keep the last completed step (one process; a group does it from :func:`_after_step`)."""
+    if run.output_dir is None or run.saved_step == run.step or not run.consistent or run.step == 0:
+        return
+    if run.world > 1 and not run.interrupted:
+        return
+    run.optimizer.zero_grad(set_to_none=True)
+    _save_checkpoint(run)
+    run.accelerator.print(f"compose: interrupted; checkpoint written at step {run.step}")
+
+
+@contextlib.contextmanager
+def _sigint_deferred(run: _Run):
+    """The first Ctrl-C only sets a flag, honoured after the current step; a second one interrupts at once."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if run.interrupted:
+            raise KeyboardInterrupt
+        run.interrupted = True
+        run.accelerator.print("compose: Ctrl-C: stopping after this step (press again to stop now)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _fill_skeleton(skeleton: nn.Module, full: dict[str, torch.Tensor]) -> nn.Module:
+    skeleton.load_state_dict(full, strict=False, assign=True)
+    missing = [n for n, p in skeleton.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"the gathered FSDP state has no values for {missing[:5]}: cannot save the final model")
+    if hasattr(skeleton, "tie_weights"):
+        skeleton.tie_weights()
+    return skeleton.eval()
+
+
+def _restore_dtypes(model: nn.Module, upcast: dict[str, torch.dtype]) -> None:
+    """Trained tensors go back to the model's own bf16/fp16 (they trained as fp32 masters), so that
+    the model runs, evaluates and saves in one dtype."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in upcast:
+                p.data = p.data.to(upcast[name])
+
+
+def _close(run: _Run) -> None:
+    if run.bar is not None:
+        run.bar.close()
+    if run.trackers:
+        run.accelerator.end_training()
+
+
+def _finish(run: _Run, save_model: Callable[[nn.Module, Path], Any] | None) -> None:
+    """Unwrap, gather the full weights when sharded, refuse non-finite ones, save ``final``."""
+    config, model = run.config, run.model
+    if config.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = True
+    model.eval()
+    if not run.sharded:
+        _restore_dtypes(model, run.upcast)
+    if run.output_dir is None or not config.save_final:
+        return
+    run.accelerator.wait_for_everyone()
+    if run.sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # collective: the main process gets the full weights, frozen ones included
+        full = get_model_state_dict(run.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if run.main and run.skeleton is not None:
+            model = run.model = _fill_skeleton(run.skeleton, full)
+            _restore_dtypes(model, run.upcast)
+        elif run.main:
+            model.load_state_dict(full, strict=False, assign=True)
+    bad = _first_nonfinite({n: p for n, p in model.named_parameters() if p.requires_grad}) if run.main else None
+    if _any_rank(run, bad is not None):
+        raise FloatingPointError(
+            f"parameter {bad or '(on the main process)'} holds non-finite values: the final model was not saved"
+        )
+    if run.main:
+        (save_model or (lambda m, d: m.save_pretrained(d)))(model, run.output_dir / "final")
+    run.accelerator.wait_for_everyone()

@@ -100,3 +100,56 @@ def test_hub_name_goes_to_datasets_and_fails_clearly_offline():
 def test_blocks_are_long_tensors(tok):
     blocks = build_blocks(["abc"], tok, seq_len=4)
     assert all(t.dtype == torch.long for t in blocks[0].values())
+
+
+def test_position_ids_restart_at_each_packed_document(tok):
+    blocks = build_blocks(["abc", "de"], tok, seq_len=16, reset_position_ids=True)
+    first = len(tok("abc")["input_ids"]) + 1  # + EOS
+    second = len(tok("de")["input_ids"]) + 1
+    assert blocks[0]["position_ids"][: first + second].tolist() == list(range(first)) + list(range(second))
+
+
+def test_packing_groups_are_arrow_backed_and_cached(tmp_path, tok, monkeypatch):
+    import compose.data
+
+    src = tmp_path / "d.txt"
+    src.write_text("\n\n".join(f"document {i} " + "xyz " * (i % 7) for i in range(50)))
+    cache = tmp_path / "cache"
+    first = build_blocks(str(src), tok, seq_len=32, cache_dir=str(cache))
+    assert first.dataset.cache_files and all(str(cache) in f["filename"] for f in first.dataset.cache_files)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("tokenized again instead of reusing the cache")
+
+    monkeypatch.setattr(compose.data._Tokenize, "_encode", boom)
+    second = build_blocks(str(src), tok, seq_len=32, cache_dir=str(cache))
+    assert torch.equal(second.input_ids, first.input_ids)
+
+
+def test_worker_processes_give_the_same_blocks(tok):
+    docs = [f"doc {i} " + "ab" * (i % 9) for i in range(40)]
+    one = build_blocks(docs, tok, seq_len=16)
+    two = build_blocks(docs, tok, seq_len=16, num_proc=2)
+    assert torch.equal(one.input_ids, two.input_ids) and torch.equal(one.labels, two.labels)
+
+
+def test_non_utf8_file_is_named(tmp_path, tok):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait\n\nsecond".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8 text"):
+        build_blocks(str(bad), tok, seq_len=8)
+
+
+def test_recipe_sources_can_be_streamed(tmp_path):
+    from omegaconf import OmegaConf
+
+    from compose.data import build_data
+
+    (tmp_path / "a.txt").write_text("\n\n".join(f"alpha {i}" for i in range(20)))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": f"beta {i}"}) + "\n" for i in range(20)))
+    cfg = OmegaConf.create({"data": {"text_field": "text", "seq_len": 8, "packing": True, "mask_prompt": True}})
+    sources = [str(tmp_path / "a.txt"), {"path": str(tmp_path / "b.jsonl"), "columns": {"body": "text"}, "weight": 3}]
+    stream = build_data(sources, None, cfg, streaming=True, seed=0)
+    assert isinstance(stream, datasets.IterableDataset)
+    texts = [r["text"] for r in stream.take(16)]
+    assert any(t.startswith("alpha") for t in texts) and any(t.startswith("beta") for t in texts)

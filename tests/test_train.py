@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from compose import Composer
 from compose.testing import tiny_model
-from compose.train import TrainConfig, _lr_factor, latest_checkpoint
+from compose.train import TrainConfig, latest_checkpoint, make_scheduler
 
 SCRIPT = Path(__file__).parent / "scripts" / "fit_tiny.py"
 FIT = dict(
@@ -111,11 +112,21 @@ def test_resume_from_other_model_is_refused(tmp_path, random_ids):
         c.fit(data, max_steps=2, output_dir=str(tmp_path), resume=True, **FIT)
 
 
-def test_warmup_cosine_schedule():
-    cfg = TrainConfig(max_steps=100, warmup_ratio=0.1)
-    lrs = [_lr_factor(s, cfg) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 0.01
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_warmup_then_decay_to_the_floor(kind):
+    cfg = TrainConfig(max_steps=100, warmup_ratio=0.1, lr_scheduler=kind, min_lr_ratio=0.1, learning_rate=1.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    # linear with a floor is transformers' warmup_stable_decay, whose warmup starts at the floor
+    assert lrs[0] == (0.1 if kind == "linear" else 0.0) and lrs[10] == pytest.approx(1.0)
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(1.0 if kind == "constant" else 0.1, abs=0.02)
+    assert min(lrs[10:]) >= (1.0 if kind == "constant" else 0.1) - 1e-9
 
 
 def test_eval_loss_logged(random_ids):
@@ -196,3 +207,18 @@ def test_chunked_loss_not_used_where_logits_are_not_head_output():
 
     assert not ChunkedLoss.supports(tiny_model("gemma2"))  # final logit soft-capping
     assert not ChunkedLoss.supports(torch.nn.Linear(2, 2))
+
+
+def test_two_stage_recipe_with_different_precisions_runs_in_one_call(tmp_path):
+    from compose.recipe import run_recipe
+
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny" / "two_stage.yaml"
+    results = run_recipe(recipe, [f"output.dir={tmp_path}", "train.max_steps=2"], log=lambda *a, **k: None)
+    assert list(results) == ["fp32", "bf16"]
+    for stage in results.values():
+        assert [h["step"] for h in stage["history"]][-1] == 2
+        assert all(math.isfinite(h["loss"]) for h in stage["history"])
+        assert Path(stage["output"]).is_dir()
+    from accelerate.state import AcceleratorState
+
+    assert AcceleratorState().mixed_precision == "bf16"

@@ -43,6 +43,7 @@ outputs), ``sources`` (data), ``runner`` (``run_recipe``).
 
 from __future__ import annotations
 
+from ..data import _is_main_process, _load_source, build_data
 from ..testing import tiny_tokenizer
 from .check import check_recipe
 from .models import load_output, resolve_model
@@ -57,7 +58,6 @@ from .schema import (
     TrainSection,
     train_config,
 )
-from .sources import _is_main_process, _load_source, build_data
 from .stages import Recipe, Stage, load_recipe
 
 __all__ = [

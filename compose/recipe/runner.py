@@ -15,11 +15,11 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from ..data import _is_main_process, _load_source, build_data
 from ..testing import TINY_PREFIX, tiny_tokenizer
 from .check import check_recipe
 from .models import resolve_model
 from .schema import _as_list, to_container, train_config
-from .sources import _is_main_process, _load_source, build_data
 from .stages import Recipe, Stage
 
 __all__ = ["run_recipe", "RECIPE_FILE"]
@@ -124,7 +124,7 @@ def _run_stage(stage: Stage, recipe: Recipe, say, main: bool) -> dict[str, Any]:
     say(f"compose: {composer!r}")
     measured = cfg.eval.perplexity or cfg.eval.exact_match or cfg.eval.get("lm_eval")
     baseline = _evaluate(composer, cfg) if cfg.eval.baseline and cfg.eval.perplexity else None
-    train_blocks = build_data(cfg.data.train, composer, cfg, seed=tc.seed)
+    train_blocks = build_data(cfg.data.train, composer, cfg, seed=tc.seed, streaming=tc.streaming)
     eval_blocks = build_data(cfg.data.eval, composer, cfg) if cfg.data.eval else None
     options = {f.name: getattr(tc, f.name) for f in dataclasses.fields(tc)}
     result: dict[str, Any] = {"output": str(Path(tc.output_dir) / "final")}
