@@ -114,7 +114,7 @@ def test_more_processes_than_shards_is_an_early_error(tok):
 
 @pytest.mark.parametrize("num_proc", [0, -1])
 def test_num_proc_must_be_positive(tmp_path, num_proc):
-    with pytest.raises(ValueError, match=f"num_proc must be a positive integer or None, got {num_proc}"):
+    with pytest.raises(ValueError, match=f"num_proc={num_proc} is not accepted; expected an integer >= 1"):
         Composer(tiny_model("llama"), strategy="block_expand", num_blocks=1).fit(["a"], num_proc=num_proc, **FIT)
 
 
