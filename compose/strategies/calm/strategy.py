@@ -111,6 +111,12 @@ class Calm(Strategy):
                 "anchor_vocab": vocab_fingerprint(anchor_tok),
                 "path": f"{AUGMENT_TOKENIZER_DIR}_{i}",
             }
+        if any(records) and self.config.window is not None:
+            raise ValueError(
+                f"window={self.config.window} counts augmenting positions aligned one to one with the anchor's, "
+                "which an augmenting model with its own tokenizer does not have; leave window unset (every "
+                "augmenting token whose text the anchor token has seen is visible)"
+            )
         return anchor_tok, aug_toks, records
 
     @staticmethod
