@@ -105,7 +105,7 @@ def test_no_leak(pair):
     xt = c.model.cross[0]
     rng = random.Random(3)
     checked = 0
-    for trial in range(6):
+    for trial in range(4):
         base = " ".join(rng.choice(WORDS) for _ in range(6))
         cut = rng.randint(3, len(base) - 2)
         other = base[:cut] + rng.choice(["zz", " qq", "'s", "1", " the end"]) + base[cut + 1 :]
@@ -124,7 +124,7 @@ def test_no_leak(pair):
         checked += len(upto)
         # the augmenting model is really read: some later token differs
         assert not torch.allclose(l1[same:].mean(), l2[same:].mean()) or same >= min(len(ids1), len(ids2))
-    assert checked > 10
+    assert checked > 6
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -150,7 +150,7 @@ def test_cached_generate_equals_full_forward(pair):
     with torch.no_grad():
         out = c.model.generate(
             **prompts,
-            max_new_tokens=10,
+            max_new_tokens=8,
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,
@@ -160,7 +160,7 @@ def test_cached_generate_equals_full_forward(pair):
         full = c.model(input_ids=out.sequences, attention_mask=mask).logits
     steps = torch.stack(out.logits, 1)
     assert torch.allclose(steps, full[:, n - 1 : -1], atol=1e-4)
-    assert torch.equal(out.sequences, c.generate(**prompts, max_new_tokens=10, do_sample=False))
+    assert torch.equal(out.sequences, c.generate(**prompts, max_new_tokens=8, do_sample=False))
 
 
 def test_beam_search_and_sampling_copies_rows(bpe, chars):
@@ -257,6 +257,17 @@ def test_errors(tmp_path, chars, bpe):
         Composer(anchor, aug, strategy="calm", tokenizer=chars, augment_tokenizer=[bpe, bpe])
     with pytest.raises(ValueError, match="takes no augment_tokenizer"):
         Composer(anchor, strategy="block_expand", num_blocks=2, augment_tokenizer=bpe)
+    short = Composer(
+        tiny_model("llama", hidden=48, heads=6, vocab=len(bpe)),
+        tiny_model("gpt2", seed=1, vocab=len(chars), positions=16),
+        strategy="calm",
+        every=2,
+        tokenizer=bpe,
+        augment_tokenizer=chars,
+    )
+    ids = bpe("hello world it's the total value x = 12.", return_tensors="pt")["input_ids"]
+    with pytest.raises(ValueError, match="beyond its 16 positions"):
+        short.model(ids)
 
     # a lossy anchor tokenizer (lower-cases) cannot give the text back
     lower = Tokenizer(

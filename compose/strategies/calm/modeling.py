@@ -326,12 +326,22 @@ class CalmForCausalLM(FrozenBasesMixin, PreTrainedModel, GenerationMixin):
             out.append((pos, input_ids[b, pos].tolist()))
         return out
 
+    def _check_augment_length(self, i: int, length: int) -> None:
+        limit = arch.max_positions(self.augments[i])
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"the text of this input is {length} tokens for augmenting model {i}, beyond its {limit} positions "
+                "(max_position_embeddings): its tokenizer splits the text more finely than the anchor's. Use "
+                "shorter inputs (a smaller seq_len)"
+            )
+
     def _cross_full(self, i, conns, input_ids, attention_mask, keys, values) -> torch.Tensor:
         """No cache: align every row, run the augmenting model on its own tokens (right padded)."""
         xt = self.cross[i]
         rows = self._real_ids(input_ids, attention_mask)
         aligned = [xt.align(ids) for _, ids in rows]
         width = max(1, max(len(a) for a, _ in aligned))
+        self._check_augment_length(i, width)
         device = input_ids.device
         aug_ids = torch.full((len(rows), width), xt.pad_id, dtype=torch.long)
         aug_mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -371,6 +381,7 @@ class CalmForCausalLM(FrozenBasesMixin, PreTrainedModel, GenerationMixin):
             row.crop(keep)
             keep = len(row.augment_ids)  # 0 when the row had to be recomputed
             fresh = aug_ids[keep:]
+            self._check_augment_length(i, len(aug_ids))
             if fresh:
                 if row.cache is None:
                     row.cache = DynamicCache(config=base.config)
