@@ -308,3 +308,47 @@ def test_fit_on_text_trains_the_connections(chars, bpe):
     after = c.trainable_parameters()
     assert any(not torch.equal(before[n], after[n]) for n in before)
     assert all(torch.isfinite(p).all() for p in after.values())
+
+
+def test_cached_generate_other_families(chars, bpe):
+    """qwen2 anchor (biases) with a gemma2 augmenting model (tied embeddings, sliding window 8): the
+    augmenting cache is cropped past its window, so rows are recomputed there; still exact."""
+    c = _compose(chars, bpe, "qwen2", "gemma2")
+    prompts = _batch(chars, ["hello world the total value", "def"], "left")
+    n = prompts["input_ids"].shape[1]
+    with torch.no_grad():
+        out = c.model.generate(
+            **prompts, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        mask = torch.cat([prompts["attention_mask"], torch.ones(2, out.sequences.shape[1] - n, dtype=torch.long)], 1)
+        full = c.model(input_ids=out.sequences, attention_mask=mask).logits
+    assert torch.allclose(torch.stack(out.logits, 1), full[:, n - 1 : -1], atol=1e-4)
+
+
+@pytest.mark.parametrize("anchor_family,aug_family", [("llama", "gpt2"), ("qwen2", "gemma2")])
+def test_teacher_forced_cached_decoding_crops_the_augmenting_cache(chars, bpe, monkeypatch, anchor_family, aug_family):
+    """Feeding a text one character at a time makes BPE merges re-tokenise the augmenting tail
+    ("wor" + "l" + "d" -> "world"): the cache is cropped (for gemma2, past its sliding window of 8,
+    the row is recomputed) and every step still equals the full forward."""
+    from compose.strategies.calm import xtok
+
+    crops = []
+    original = xtok.RowState.crop
+
+    def counting(self, keep):
+        crops.append(len(self.augment_ids) - keep)
+        original(self, keep)
+
+    monkeypatch.setattr(xtok.RowState, "crop", counting)
+    c = _compose(chars, bpe, anchor_family, aug_family)
+    ids = chars("the total value = 12. hello world it's the key", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        full = c.model(ids).logits
+        out = c.model(ids[:, :3], use_cache=True)
+        steps = [out.logits]
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        for t in range(3, ids.shape[1]):
+            out = c.model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4)
+    assert sum(d > 0 for d in crops) >= 3  # merges did re-tokenise the tail
