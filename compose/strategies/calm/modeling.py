@@ -352,10 +352,18 @@ class CalmForCausalLM(FrozenBasesMixin, PreTrainedModel, GenerationMixin):
         states = self._augment_states(i, aug_ids.to(device), aug_mask.to(device), positions.to(device), None)
         for c in conns:
             keys[c], values[c] = self.connections[c].keys_values(states[self.plan[c][1]])
-        visible = torch.zeros(input_ids.shape[0], input_ids.shape[1], width, dtype=torch.bool)
-        for b, ((pos, _), (_, counts)) in enumerate(zip(rows, aligned)):
-            for p, n in zip(pos, counts):
-                visible[b, p, :n] = True
+        return self._visible_from_counts(
+            input_ids.shape, width, [(pos, counts) for (pos, _), (_, counts) in zip(rows, aligned)], device
+        )
+
+    @staticmethod
+    def _visible_from_counts(shape, width: int, rows, device) -> torch.Tensor:
+        """``[batch, q, width]``: query ``pos[j]`` of row ``b`` sees the first ``counts[j]`` augmenting tokens."""
+        visible = torch.zeros(shape[0], shape[1], width, dtype=torch.bool)
+        cols = torch.arange(width)
+        for b, (pos, counts) in enumerate(rows):
+            if pos:
+                visible[b, pos] = cols[None, :] < torch.tensor(counts, dtype=torch.long)[:, None]
         return visible.to(device)
 
     def _cross_cached(self, i, conns, input_ids, attention_mask, cache, keys, values) -> torch.Tensor:
@@ -409,11 +417,7 @@ class CalmForCausalLM(FrozenBasesMixin, PreTrainedModel, GenerationMixin):
                 ks.append(F.pad(k, pad))
                 vs.append(F.pad(v, pad))
             keys[c], values[c] = torch.cat(ks), torch.cat(vs)
-        visible = torch.zeros(input_ids.shape[0], input_ids.shape[1], width, dtype=torch.bool)
-        for b, (pos, counts) in enumerate(counts_per_row):
-            for p, n in zip(pos, counts):
-                visible[b, p, :n] = True
-        return visible.to(device)
+        return self._visible_from_counts(input_ids.shape, width, counts_per_row, device)
 
     def _resolve_cache(self, cache, past_key_values, use_cache) -> CalmCache | None:
         cache = cache if cache is not None else past_key_values
