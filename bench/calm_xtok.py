@@ -180,13 +180,18 @@ def learn(args) -> dict:
     torch.manual_seed(args.seed)
     anchor = tiny_model("llama", seed=args.seed, hidden=64, layers=2, heads=4, vocab=len(bpe))
     _train_lm(anchor, bpe, fmt, args.anchor_steps, 3e-3, 64, args.seed)
-    out = {"seed": args.seed, "anchor_heldout_acc": _accuracy(anchor, bpe, table, eval_keys)}
+    out = {
+        "seed": args.seed,
+        "last_only": args.last_only,
+        "anchor_heldout_acc": _accuracy(anchor, bpe, table, eval_keys),
+    }
     for name, tok in (("same_tokenizer", bpe), ("cross_tokenizer", chars)):
         aug = tiny_model("llama", seed=args.seed + 1, hidden=96, layers=2, heads=4, vocab=len(tok))
         _train_lm(aug, tok, memorise, args.aug_steps, 3e-3, 64, args.seed + 1)
         out[f"{name}_m_A_acc"] = _accuracy(aug, tok, table, keys)
+        where = {"connections": [(-1, -1)]} if args.last_only else {"every": 1}
         c = Composer(
-            anchor, aug, strategy="calm", every=1, tokenizer=bpe, augment_tokenizer=tok, null_kv=True, norm=True
+            anchor, aug, strategy="calm", tokenizer=bpe, augment_tokenizer=tok, null_kv=True, norm=True, **where
         )
         assert c.model.is_cross_tokenizer == (name == "cross_tokenizer")
         t = time.perf_counter()
@@ -206,6 +211,11 @@ def main() -> None:
     ap.add_argument("--anchor-steps", type=int, default=300)
     ap.add_argument("--aug-steps", type=int, default=1500)
     ap.add_argument("--calm-steps", type=int, default=400)
+    ap.add_argument(
+        "--last-only",
+        action="store_true",
+        help="one connection, m_A's last layer into the anchor's last (default: every layer)",
+    )
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
