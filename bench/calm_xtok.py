@@ -165,7 +165,13 @@ def learn(args) -> dict:
     rng = random.Random(99)
     corpus = ["".join(rng.choice(LETTERS) for _ in range(3)) + f":{rng.randrange(10)}" for _ in range(3000)]
     bpe = byte_bpe(corpus, 400)
-    chars = tiny_tokenizer()
+    if args.aug_tokenizer == "chars":
+        other = tiny_tokenizer()
+    else:  # another byte-level BPE: fewer merges, trained on other lines
+        rng2 = random.Random(7)
+        other = byte_bpe(
+            ["".join(rng2.choice(LETTERS) for _ in range(3)) + f":{rng2.randrange(10)}" for _ in range(500)], 300
+        )
     keys = list(table)
 
     def memorise(rng, n):
@@ -183,9 +189,10 @@ def learn(args) -> dict:
     out = {
         "seed": args.seed,
         "last_only": args.last_only,
+        "aug_tokenizer": args.aug_tokenizer,
         "anchor_heldout_acc": _accuracy(anchor, bpe, table, eval_keys),
     }
-    for name, tok in (("same_tokenizer", bpe), ("cross_tokenizer", chars)):
+    for name, tok in (("same_tokenizer", bpe), ("cross_tokenizer", other)):
         aug = tiny_model("llama", seed=args.seed + 1, hidden=96, layers=2, heads=4, vocab=len(tok))
         _train_lm(aug, tok, memorise, args.aug_steps, 3e-3, 64, args.seed + 1)
         out[f"{name}_m_A_acc"] = _accuracy(aug, tok, table, keys)
@@ -211,6 +218,9 @@ def main() -> None:
     ap.add_argument("--anchor-steps", type=int, default=300)
     ap.add_argument("--aug-steps", type=int, default=1500)
     ap.add_argument("--calm-steps", type=int, default=400)
+    ap.add_argument(
+        "--aug-tokenizer", choices=["chars", "bpe"], default="chars", help="m_A's tokenizer in the cross run"
+    )
     ap.add_argument(
         "--last-only",
         action="store_true",
