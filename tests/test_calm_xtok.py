@@ -352,3 +352,17 @@ def test_teacher_forced_cached_decoding_crops_the_augmenting_cache(chars, bpe, m
             steps.append(out.logits)
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-4)
     assert sum(d > 0 for d in crops) >= 3  # merges did re-tokenise the tail
+
+
+def test_check_text_data_forms():
+    from datasets import Dataset
+
+    from compose.strategies.calm.xtok import check_text_data
+
+    for ok in (["some text"], [{"text": "a", "input_ids": [1, 2]}], [{"prompt": "a", "completion": "b"}], None):
+        check_text_data(ok, "train_data")
+    check_text_data(Dataset.from_dict({"text": ["a"]}), "train_data")
+    with pytest.raises(ValueError, match="input_ids column and no text"):
+        check_text_data(Dataset.from_dict({"input_ids": [[1, 2]]}), "train_data")
+    with pytest.raises(ValueError, match=r"eval_data\[1\] gives input_ids records"):
+        check_text_data([{"text": "a"}, {"input_ids": [1]}], "eval_data")
