@@ -200,6 +200,10 @@ class Composer:
             config object; ``**options`` are that strategy's options.
         tokenizer: a tokenizer, or a path/hub id to load one from; by default the one saved
             beside the anchor, if any.
+        augment_tokenizer: (``calm``) the augmenting model's own tokenizer (object or path/hub
+            id; a list with one entry per augmenting model, ``None`` for the default). By default
+            the one saved beside each augmenting model; one whose vocabulary differs from the
+            anchor's makes that model read the text with its own tokenizer (see docs/calm.md).
         copy_model: a loaded model passed in is deep-copied so that it is never mutated (this
             costs one copy of its weights in memory). Pass ``False`` to let compose take the
             object over and modify it in place, or pass a path so that compose loads the
@@ -220,6 +224,7 @@ class Composer:
         *,
         strategy: str | StrategyConfig = "block_expand",
         tokenizer: Any = None,
+        augment_tokenizer: Any = None,
         copy_model: bool = True,
         dtype: torch.dtype | str | None = None,
         **options: Any,
@@ -250,11 +255,36 @@ class Composer:
         self._base_configs = [anchor_model.config] + [m.config for m in augments]
         self.tokenizer = self._resolve_tokenizer(tokenizer, [self.anchor_source])
         check_tokenizer_vocabulary(self.tokenizer, anchor_model)
+        self._pass_augment_tokenizers(augment_tokenizer, anchor_model, augments)
         self.model: nn.Module = self.strategy.build(anchor_model, augments)
         self.model.eval()
         self.history: list[dict[str, float]] = []
 
     # ------------------------------------------------------------------ construction helpers
+    def _pass_augment_tokenizers(self, given: Any, anchor_model: Any, augments: list) -> None:
+        """Resolve ``augment_tokenizer=`` (one per augmenting model) and hand it to the strategy."""
+        if not hasattr(self.strategy, "set_tokenizers"):
+            if given is not None:
+                raise ValueError(f"strategy {self.strategy_name!r} takes no augment_tokenizer")
+            return
+        given = (
+            list(given) if isinstance(given, (list, tuple)) else [given] * len(augments) if given is not None else None
+        )
+        if given is not None and len(given) != len(augments):
+            raise ValueError(
+                f"augment_tokenizer has {len(given)} entries for {len(augments)} augmenting model(s); pass one per "
+                "augmenting model (None for the default)"
+            )
+        toks = []
+        for i, aug in enumerate(augments):
+            tok = given[i] if given is not None else None
+            if tok is not None:
+                tok = self._resolve_tokenizer(tok, [])
+            elif aug.config.vocab_size != anchor_model.config.vocab_size and isinstance(self.augment_sources[i], str):
+                tok = _find_tokenizer([self.augment_sources[i]])  # the one saved beside it, if any
+            toks.append(tok)
+        self.strategy.set_tokenizers(self.tokenizer, toks)
+
     @staticmethod
     def _resolve_strategy(strategy: str | StrategyConfig, options: dict[str, Any]) -> tuple[str, StrategyConfig]:
         if isinstance(strategy, StrategyConfig):
@@ -371,6 +401,10 @@ class Composer:
         for name, data in (("train_data", train_data), ("eval_data", eval_data)):
             check_data_file(data)
             check_token_ids(data, vocab, name)
+            if getattr(self.model, "is_cross_tokenizer", False):
+                from .strategies.calm.xtok import check_text_data
+
+                check_text_data(data, name)
 
     def evaluate(self, eval_data: Any, *, batch_size: int = 8, seq_len: int | None = None, **kwargs: Any) -> dict:
         """Loss and perplexity of the composed model on ``eval_data`` (same forms as ``fit``)."""

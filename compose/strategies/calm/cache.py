@@ -7,7 +7,10 @@ A :class:`CalmCache` holds, in the way ``EncoderDecoderCache`` holds two caches:
 * one cache per augmenting model (only the layers up to the highest one a connection reads
   are ever written, since the augmenting model stops there),
 * the projected keys and values of every connection, ``[batch, heads, seen, head_dim]``,
-  so that a new token projects only itself.
+  so that a new token projects only itself;
+* for an augmenting model with its own tokenizer, one :class:`~compose.strategies.calm.xtok.RowState`
+  per row instead (its own cache and projected keys/values: rows re-tokenise and drop a
+  different number of trailing augmenting tokens at each step).
 
 Beam search reorders all of them together (:meth:`CalmCache.reorder_cache`).
 """
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel
+
+from .xtok import RowState
 
 __all__ = ["CalmCache"]
 
@@ -47,6 +52,23 @@ class CalmCache(Cache):
         self.keys: list[torch.Tensor | None] = [None] * num_connections
         self.values: list[torch.Tensor | None] = [None] * num_connections
         self.length = 0
+        #: per augmenting model, per row: cross-tokenizer state (empty for same-vocabulary models)
+        self.cross: list[list[RowState]] = [[] for _ in self.augments]
+
+    def cross_rows(self, index: int, batch: int) -> list[RowState]:
+        """Augmenting model ``index``'s per-row states, created at the first call."""
+        rows = self.cross[index]
+        if not rows:
+            rows.extend(RowState() for _ in range(batch))
+        if len(rows) != batch:
+            raise ValueError(f"the cache holds {len(rows)} rows for augmenting model {index}, the input has {batch}")
+        return rows
+
+    def _each_row(self, pick) -> None:
+        """Replace every cross-tokenizer row list by ``pick(rows)`` (rows copied, so beams never share one)."""
+        for i, rows in enumerate(self.cross):
+            if rows:
+                self.cross[i] = [r.clone() for r in pick(rows)]
 
     @classmethod
     def for_models(cls, anchor: PreTrainedModel, augments: list[PreTrainedModel], num_connections: int) -> CalmCache:
@@ -107,16 +129,22 @@ class CalmCache(Cache):
         for cache in [self.anchor, *self.augments]:
             cache.reorder_cache(beam_idx)
         self._each_tensor(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._each_row(lambda rows: [rows[int(i)] for i in beam_idx])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for cache in [self.anchor, *self.augments]:
             cache.batch_repeat_interleave(repeats)
         self._each_tensor(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._each_row(lambda rows: [r for r in rows for _ in range(repeats)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for cache in [self.anchor, *self.augments]:
             cache.batch_select_indices(indices)
         self._each_tensor(lambda t: t[indices])
+        chosen = torch.as_tensor(indices).cpu()
+        if chosen.dtype == torch.bool:
+            chosen = chosen.nonzero().flatten()
+        self._each_row(lambda rows: [rows[i] for i in chosen.tolist()])
 
     def reset(self) -> None:
         for cache in [self.anchor, *self.augments]:
@@ -124,6 +152,7 @@ class CalmCache(Cache):
         self.keys = [None] * len(self.keys)
         self.values = [None] * len(self.values)
         self.length = 0
+        self.cross = [[] for _ in self.augments]
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(

@@ -49,6 +49,11 @@ class CalmConfig(PretrainedConfig):
         options: the strategy options (:class:`~compose.strategies.calm.CalmOptions` as a dict).
         fingerprints: ``{"anchor": {...}, "augments": [{...}, ...]}`` from :func:`fingerprint`.
         calm_format_version: layout version (:data:`CALM_FORMAT_VERSION`).
+        cross_tokenizers: per augmenting model, ``None`` (it reads the anchor's token ids) or
+            ``{"name", "vocab", "anchor_vocab", "path"}``: it reads the text with its own tokenizer,
+            ``name`` says where that tokenizer came from, ``vocab``/``anchor_vocab`` are vocabulary
+            fingerprints of it and of the anchor's tokenizer, ``path`` the folder (inside the saved
+            directory) it is saved in.
 
     ``vocab_size``, ``max_position_embeddings`` and the special token ids are copied from the
     anchor, so that tools reading them off ``model.config`` find the composition's values.
@@ -70,6 +75,7 @@ class CalmConfig(PretrainedConfig):
         calm_format_version: int = CALM_FORMAT_VERSION,
         vocab_size: int | None = None,
         max_position_embeddings: int | None = None,
+        cross_tokenizers: list[dict[str, Any] | None] | None = None,
         **kwargs: Any,
     ):
         kwargs.setdefault("tie_word_embeddings", False)  # the anchor ties its own weights, if at all
@@ -82,6 +88,7 @@ class CalmConfig(PretrainedConfig):
         self.calm_format_version = calm_format_version
         self.vocab_size = vocab_size
         self.max_position_embeddings = max_position_embeddings
+        self.cross_tokenizers = list(cross_tokenizers) if cross_tokenizers else None
 
     def check_version(self, where: str = "the config") -> None:
         """``ValueError`` when ``where`` was written by a newer compose (a layout this one cannot read)."""
@@ -101,6 +108,7 @@ class CalmConfig(PretrainedConfig):
         augments: list[PreTrainedModel],
         plan: list[tuple[int, int, int | str]],
         options: dict[str, Any],
+        cross_tokenizers: list[dict[str, Any] | None] | None = None,
     ) -> CalmConfig:
         """A config for a composition of these (already loaded) models."""
         anchor_cfg = anchor.config
@@ -116,6 +124,7 @@ class CalmConfig(PretrainedConfig):
             bos_token_id=getattr(anchor_cfg, "bos_token_id", None),
             eos_token_id=getattr(anchor_cfg, "eos_token_id", None),
             pad_token_id=getattr(anchor_cfg, "pad_token_id", None),
+            cross_tokenizers=cross_tokenizers if cross_tokenizers and any(cross_tokenizers) else None,
         )
 
 

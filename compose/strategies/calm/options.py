@@ -177,31 +177,36 @@ def plan_connections(
     return plan
 
 
-def check_same_vocabulary(anchor: PreTrainedModel, augments: list[PreTrainedModel], tokenizers: list | None = None):
+def check_same_vocabulary(
+    anchor: PreTrainedModel, augments: list[PreTrainedModel], tokenizers: list | None = None, first_index: int = 0
+):
     """``ValueError`` unless the anchor and every augmenting model share a vocabulary.
 
     Compares ``config.vocab_size`` always, and the tokenizers' vocabularies when they are
     known: passed in ``tokenizers`` (anchor first), or saved in the local directory a
-    model was loaded from. CALM aligns positions token by token, so a different tokenizer
-    would silently pair unrelated tokens.
+    model was loaded from. Same-vocabulary CALM aligns positions token by token, so a
+    different tokenizer would silently pair unrelated tokens; an augmenting model with its own
+    tokenizer is composed by characters instead when that tokenizer is given. ``first_index``
+    is the index of ``augments[0]`` (for messages).
     """
     v_anchor = anchor.config.vocab_size
-    for index, aug in enumerate(augments):
+    for index, aug in enumerate(augments, first_index):
         if aug.config.vocab_size != v_anchor:
             raise ValueError(
                 f"vocabulary mismatch: the anchor has {v_anchor} tokens, augmenting model {index} has "
-                f"{aug.config.vocab_size}. CALM needs anchor and augmenting models to share a tokenizer "
-                "(cross-tokenizer alignment is not supported yet)"
+                f"{aug.config.vocab_size}. Either use an augmenting model with the anchor's tokenizer, or pass "
+                "both tokenizers (tokenizer=anchor_tokenizer, augment_tokenizer=its_tokenizer) to compose "
+                "across tokenizers"
             )
     if tokenizers is None:
         tokenizers = [_local_tokenizer(m) for m in [anchor, *augments]]
     if tokenizers and tokenizers[0] is not None:
         reference = tokenizers[0].get_vocab()
-        for index, tok in enumerate(tokenizers[1:]):
+        for index, tok in enumerate(tokenizers[1:], first_index):
             if tok is not None and tok.get_vocab() != reference:
                 raise ValueError(
                     f"tokenizer mismatch: augmenting model {index}'s tokenizer has a different vocabulary than the "
-                    "anchor's. CALM needs anchor and augmenting models to share a tokenizer"
+                    "anchor's; pass it as augment_tokenizer= to compose across tokenizers"
                 )
 
 

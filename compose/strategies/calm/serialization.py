@@ -21,9 +21,20 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from .configuration import CalmConfig, compare_fingerprints
 
-__all__ = ["WEIGHTS_NAME", "save_composition", "load_composition", "load_bases", "load_connection_weights"]
+__all__ = [
+    "WEIGHTS_NAME",
+    "ANCHOR_TOKENIZER_DIR",
+    "AUGMENT_TOKENIZER_DIR",
+    "save_composition",
+    "load_composition",
+    "load_bases",
+    "load_connection_weights",
+]
 
 WEIGHTS_NAME = "calm.safetensors"
+#: Folders of a saved cross-tokenizer composition: the anchor's tokenizer, and ``augment_tokenizer_<i>``.
+ANCHOR_TOKENIZER_DIR = "anchor_tokenizer"
+AUGMENT_TOKENIZER_DIR = "augment_tokenizer"
 _LOAD_OPTIONS = ("dtype", "torch_dtype", "device_map", "local_files_only", "revision", "token", "cache_dir")
 
 
@@ -51,7 +62,43 @@ def save_composition(model, directory: str | os.PathLike) -> Path:
     save_file(
         {k: v.cpu() for k, v in tensors.items()}, str(directory / WEIGHTS_NAME), metadata=_composition_metadata(model)
     )
+    records = model.config.cross_tokenizers or []
+    if any(records):
+        model.tokenizer.save_pretrained(directory / ANCHOR_TOKENIZER_DIR)
+        for i, record in enumerate(records):
+            if record is not None:
+                model.augment_tokenizers[i].save_pretrained(directory / record["path"])
     return directory
+
+
+def load_tokenizers(config: CalmConfig, directory: Path, tokenizer: Any = None, augment_tokenizers: Any = None):
+    """The anchor and augmenting tokenizers of a cross-tokenizer composition: given, else saved in ``directory``."""
+    records = config.cross_tokenizers or []
+    if not any(records):
+        return None, None
+    from transformers import AutoTokenizer
+
+    def load(sub: str, what: str):
+        where = directory / sub
+        if not where.is_dir():
+            raise OSError(
+                f"{directory} has no {sub}/ (the {what} of this cross-tokenizer composition); pass it to "
+                "from_pretrained (tokenizer= / augment_tokenizers=[...])"
+            )
+        return AutoTokenizer.from_pretrained(where)
+
+    if tokenizer is None:
+        tokenizer = load(ANCHOR_TOKENIZER_DIR, "anchor tokenizer")
+    given = list(augment_tokenizers) if augment_tokenizers is not None else [None] * len(records)
+    if len(given) != len(records):
+        raise ValueError(
+            f"{directory} was saved with {len(records)} augmenting model(s); {len(given)} tokenizers given"
+        )
+    toks = [
+        tok if tok is not None or record is None else load(record["path"], f"augmenting model {i}'s tokenizer")
+        for i, (tok, record) in enumerate(zip(given, records))
+    ]
+    return tokenizer, toks
 
 
 def _load_one(source: Any, what: str, directory: str, options: dict[str, Any]) -> PreTrainedModel:
@@ -149,8 +196,11 @@ def load_composition(cls, directory: str | os.PathLike, *, anchor=None, augments
     options = {k: kwargs.pop(k) for k in _LOAD_OPTIONS if k in kwargs}
     if "torch_dtype" in options:  # the older name of dtype
         options.setdefault("dtype", options.pop("torch_dtype"))
+    tokenizer, augment_tokenizers = load_tokenizers(
+        config, path, kwargs.pop("tokenizer", None), kwargs.pop("augment_tokenizers", None)
+    )
     anchor_model, augment_models = load_bases(config, anchor, augments, str(path), **options)
-    model = cls(config, anchor_model, augment_models)
+    model = cls(config, anchor_model, augment_models, tokenizer=tokenizer, augment_tokenizers=augment_tokenizers)
     load_connection_weights(model, path / WEIGHTS_NAME)
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)

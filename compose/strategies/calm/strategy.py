@@ -12,8 +12,15 @@ from ... import arch
 from ..base import Strategy, register
 from .configuration import CalmConfig
 from .modeling import CalmForCausalLM
-from .options import INPUT, CalmOptions, check_same_vocabulary, plan_connections
-from .serialization import WEIGHTS_NAME, load_composition, load_connection_weights, save_composition
+from .options import INPUT, CalmOptions, _local_tokenizer, check_same_vocabulary, plan_connections
+from .serialization import (
+    AUGMENT_TOKENIZER_DIR,
+    WEIGHTS_NAME,
+    load_composition,
+    load_connection_weights,
+    save_composition,
+)
+from .xtok import same_vocabulary, vocab_fingerprint
 
 __all__ = ["Calm"]
 
@@ -39,14 +46,78 @@ class Calm(Strategy):
         super().__init__(config)
         #: ``[(augment_index, augment_layer, anchor_layer), ...]`` (set by ``build``/``load``).
         self.plan: list[tuple[int, int, int | str]] = []
+        self._tokenizer: Any = None
+        self._augment_tokenizers: list[Any] | None = None
+
+    def set_tokenizers(self, tokenizer: Any, augment_tokenizers: list[Any] | None) -> None:
+        """The anchor's tokenizer and one tokenizer (or ``None``) per augmenting model, for ``build``.
+
+        An augmenting tokenizer whose vocabulary differs from the anchor's makes that model read
+        the text with its own tokenizer (cross-tokenizer composition); ``None`` means the one
+        saved beside the model, if any, else the anchor's vocabulary.
+        """
+        self._tokenizer = tokenizer
+        self._augment_tokenizers = None if augment_tokenizers is None else list(augment_tokenizers)
 
     def build(self, anchor: PreTrainedModel, augments: list[PreTrainedModel]) -> nn.Module:
         if anchor is None:
             raise ValueError("calm needs an anchor model")
-        self._check_models(anchor, augments)
+        anchor_tok, aug_toks, records = self._tokenizers_for(anchor, augments)
         self.plan = plan_connections(arch.num_layers(anchor), [arch.num_layers(a) for a in augments], self.config)
-        config = CalmConfig.from_models(anchor, augments, self.plan, self.config.to_dict())
-        return CalmForCausalLM(config, anchor, augments)
+        config = CalmConfig.from_models(anchor, augments, self.plan, self.config.to_dict(), records)
+        if not any(records):
+            return CalmForCausalLM(config, anchor, augments)
+        return CalmForCausalLM(config, anchor, augments, tokenizer=anchor_tok, augment_tokenizers=aug_toks)
+
+    def _tokenizers_for(self, anchor: PreTrainedModel, augments: list[PreTrainedModel]):
+        """Which augmenting models read text with their own tokenizer; the others must share the anchor's vocabulary."""
+        if not augments:
+            raise ValueError("calm needs at least one augmenting model: Composer(anchor, augment, strategy='calm')")
+        for model in [anchor, *augments]:
+            arch.get_family(model)  # unknown family: a clear error
+        given = self._augment_tokenizers
+        if given is not None and len(given) != len(augments):
+            raise ValueError(
+                f"augment_tokenizer has {len(given)} entries for {len(augments)} augmenting model(s); pass one "
+                "per augmenting model (None for one that shares the anchor's tokenizer)"
+            )
+        anchor_tok = self._tokenizer if self._tokenizer is not None else _local_tokenizer(anchor)
+        aug_toks: list[Any] = [None] * len(augments)
+        records: list[dict[str, Any] | None] = [None] * len(augments)
+        for i, aug in enumerate(augments):
+            tok = given[i] if given is not None and given[i] is not None else _local_tokenizer(aug)
+            if tok is None or (
+                anchor_tok is not None
+                and same_vocabulary(anchor_tok, tok)
+                and aug.config.vocab_size == anchor.config.vocab_size
+            ):
+                check_same_vocabulary(anchor, [aug], [anchor_tok, tok] if anchor_tok is not None else [None], i)
+                continue
+            if anchor_tok is None:
+                raise ValueError(
+                    f"augmenting model {i} has its own tokenizer, so the anchor's ids are decoded back to text: "
+                    "pass the anchor's tokenizer too (Composer(..., tokenizer=anchor_tokenizer))"
+                )
+            largest = max(tok.get_vocab().values(), default=-1)
+            if largest >= aug.config.vocab_size:
+                raise ValueError(
+                    f"augment_tokenizer {i} has token id {largest}, beyond augmenting model {i}'s "
+                    f"{aug.config.vocab_size} embeddings: it is not that model's tokenizer"
+                )
+            aug_toks[i] = tok
+            records[i] = {
+                "name": getattr(tok, "name_or_path", None) or None,
+                "vocab": vocab_fingerprint(tok),
+                "anchor_vocab": vocab_fingerprint(anchor_tok),
+                "path": f"{AUGMENT_TOKENIZER_DIR}_{i}",
+            }
+        if any(records) and self.config.window is not None:
+            raise ValueError(
+                f"window={self.config.window} counts augmenting positions aligned one to one with the anchor's, "
+                "which an augmenting model with its own tokenizer does not have; leave window unset (every "
+                "augmenting token whose text the anchor token has seen is visible)"
+            )
+        return anchor_tok, aug_toks, records
 
     @staticmethod
     def _check_models(anchor: PreTrainedModel, augments: list[PreTrainedModel]) -> None:
