@@ -128,3 +128,39 @@ def test_mix_operands_blends_only_operands_and_only_in_training():
     assert torch.equal(emb(ids).detach(), plain)
     with pytest.raises(ValueError, match="max_weight"):
         task.mix_operands(model, p=0.5, max_weight=0.5)
+
+
+def test_mix_operands_towards_the_key_embedding():
+    import pytest
+
+    from compose.testing import tiny_model
+
+    task = KVArithmetic(num_keys=20, num_values=8)
+    model = task.blind_to_keys_(tiny_model("llama", vocab=task.vocab_size))
+    emb = model.get_input_embeddings()
+    recs = [r for r in task.records("numeric", 64, seed=0) if len(r["input_ids"]) == 7]
+    ids = torch.tensor([r["input_ids"] for r in recs])
+    plain = emb(ids).detach()
+    key = emb.weight[task.key(0)].detach()
+    handle = task.mix_operands(model, p=0.0, key_p=1.0, key_max_weight=0.8)
+    try:
+        model.train()
+        torch.manual_seed(0)
+        mixed = emb(ids)
+        moved = (mixed.detach() - plain).abs().amax(-1) > 0
+        operand = (ids >= task.number(0)) & (ids <= task.number(task.num_values - 1)) & ((ids == 5).cumsum(1) == 0)
+        assert not moved[~operand].any() and moved[operand].all()
+        # each blend lies on the segment from the operand's embedding towards the key embedding, at most 0.8 of the way
+        step = mixed.detach()[operand] - plain[operand]
+        direction = key - plain[operand]
+        w = (step * direction).sum(-1) / direction.pow(2).sum(-1)
+        assert torch.allclose(step, w[:, None] * direction, atol=1e-6)
+        assert 0 < float(w.min()) and float(w.max()) <= 0.8
+        mixed.sum().backward()
+        grad = emb.weight.grad
+        assert float(grad[task.key(0) :].abs().max()) == 0.0  # the shared key embedding stays put
+        assert float(grad[task.number(0)].abs().max()) > 0
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="key_max_weight"):
+        task.mix_operands(model, key_p=0.5, key_max_weight=1.0)

@@ -19,7 +19,7 @@ import torch
 from . import __doc__ as DEMO_DOC
 from .common import _log, _markdown
 from .forgetting import QUICK_FORGETTING, ForgettingConfig, run_forgetting
-from .kv import QUICK_KV, KVConfig, run_kv, run_kv_in_process
+from .kv import QUICK_KV, KVConfig, run_kv, run_kv_in_process, summary_line
 
 
 # ============================================================================ main
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "kv_arithmetic" in results:
         _log("\nCALM key-value arithmetic (exact match %, held-out keys)\n")
         _log(_markdown(results["kv_arithmetic"]["rows"], digits=1))
+        _log("\n" + summary_line(results["kv_arithmetic"]["rows"]))
     results["seconds"] = time.perf_counter() - t0
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=2, sort_keys=True)
