@@ -35,6 +35,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="torch CPU threads per process (default: 1 when both experiments run side by side, else torch's choice)",
     )
     p.add_argument(
+        "--calm-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="composition seeds of the CALM experiment, each trained on the same m_A and m_B (default: 0); "
+        "the summary gives their minimum and mean",
+    )
+    p.add_argument(
         "--sequential",
         action="store_true",
         help="run the two experiments one after the other in this process (default with 2+ CPUs: side by side, "
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     f_cfg = replace(QUICK_FORGETTING) if args.quick else ForgettingConfig()
     kv_cfg = replace(QUICK_KV) if args.quick else KVConfig()
+    if args.calm_seeds:
+        kv_cfg = replace(kv_cfg, calm_seeds=tuple(args.calm_seeds))
     if side_by_side:
         # CALM in a second (spawned) process, block expansion here; each logs with its own prefix.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
