@@ -133,16 +133,27 @@ def _key(row: dict) -> str:
     return f"{row['variant']}/{json.dumps(row['override'], sort_keys=True)}/{row['seed']}/{row['threads']}/{row['calm_seed']}"
 
 
+def _changes(row: dict) -> str:
+    """What a run changed over its variant's settings (``-`` for none)."""
+    base = VARIANTS.get(row.get("variant"), {})
+    diff = {k: v for k, v in row.get("override", {}).items() if base.get(k, object()) != v}
+    return "`" + json.dumps(diff, sort_keys=True) + "`" if diff else "-"
+
+
 def _table(rows: list[dict]) -> str:
+    changes = len({_changes(r) for r in rows}) > 1
     head = (
-        "| base seed | threads | composition seed | m_A | m_B | m_B numeric | CALM numeric "
+        ("| changes " if changes else "")
+        + "| base seed | threads | composition seed | m_A | m_B | m_B numeric | CALM numeric "
         "| CALM training keys | **CALM held-out** | CPU s (composition) |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        + ("|---" if changes else "")
+        + "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
-        f"| {r['seed']} | {r['threads']} | {r['calm_seed']} | {r['m_A']:.1f} | {r['m_B']:.1f} | {r['m_B numeric']:.1f} "
+        (f"| {_changes(r)} " if changes else "")
+        + f"| {r['seed']} | {r['threads']} | {r['calm_seed']} | {r['m_A']:.1f} | {r['m_B']:.1f} | {r['m_B numeric']:.1f} "
         f"| {r['numeric']:.1f} | {r['training keys']:.1f} | **{r['held-out']:.1f}** | {r['calm_cpu_seconds']:.0f} |"
-        for r in sorted(rows, key=lambda r: (r["seed"], r["threads"], r["calm_seed"]))
+        for r in sorted(rows, key=lambda r: (_changes(r), r["seed"], r["threads"], r["calm_seed"]))
     ]
     held = [r["held-out"] for r in rows]
     ok = [
