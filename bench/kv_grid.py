@@ -183,6 +183,30 @@ def write_markdown(path: Path, variant: str, rows: list[dict]) -> None:
     path.write_text(before + begin + "\n" + _table(rows) + end + after)
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """Held-out and training-key KV-arithmetic of every run, one column per (base seed, threads)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["seed"], r["threads"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for metric, marker, color in (("held-out", "o", "tab:green"), ("training keys", "x", "tab:gray")):
+        xs = [groups.index((r["seed"], r["threads"])) + (0.08 if metric == "held-out" else -0.08) for r in rows]
+        ax.scatter(xs, [r[metric] for r in rows], marker=marker, color=color, label=f"CALM, {metric} keys")
+    ax.axhline(80, color="tab:red", lw=0.8, ls="--", label="80%")
+    ax.set_xticks(range(len(groups)), [f"seed {s}\n{t} thread{'s' * (t > 1)}" for s, t in groups], fontsize=8)
+    ax.set_ylabel("KV-arithmetic exact match (%)")
+    ax.set_ylim(0, 102)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title("CALM over base seeds, composition seeds and thread counts", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="base seeds (m_A, m_B, key table)")
@@ -196,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--markdown", default=str(ROOT / "docs/results.md"))
     p.add_argument("--cache", default=None, help="directory that keeps trained m_A / m_B per (base seed, threads)")
     p.add_argument("--curve-every", type=int, default=0, help="record training/held-out accuracy every N steps")
+    p.add_argument("--plot", default=None, help="also write a PNG of the variant's runs here")
     p.add_argument("--table-only", action="store_true", help="only rewrite the markdown table from --out")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -242,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
     ]
     if rows and args.markdown:
         write_markdown(Path(args.markdown), args.variant, rows)
+    if rows and args.plot:
+        plot(rows, Path(args.plot))
     if rows:
         print(_table(rows))
 
