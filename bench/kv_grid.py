@@ -64,7 +64,11 @@ def _worker(args: argparse.Namespace) -> None:
         bases = train_bases(cfg, task)
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(bases, cached)
+            try:
+                torch.save(bases, cached)
+            except (AttributeError, TypeError) as err:  # e.g. hooks transformers installed are not picklable
+                cached.unlink(missing_ok=True)
+                print(f"not caching m_A / m_B for seed {args.seed}, threads {args.threads}: {err}", flush=True)
     evals = eval_sets(task, cfg)
     alone = score({"m_A": bases["aug"], "m_B": bases["anchor"]}, evals)
     held_tr = task.records("kv_arith", 500, keys="train", seed=202)
