@@ -92,6 +92,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert settings == {"code only", "code + 40% English replay"}
     tasks = {r["task"] for r in saved["kv_arithmetic"]["rows"]}
     assert {"KV-arithmetic", "KV-substitution", "numeric arithmetic"} <= tasks
+    for row in saved["kv_arithmetic"]["rows"]:
+        assert row["CALM min"] == row["CALM seed 0"] == row["CALM mean"]
     assert results["seconds"] > 0
 
 
@@ -128,3 +130,87 @@ def test_mix_operands_blends_only_operands_and_only_in_training():
     assert torch.equal(emb(ids).detach(), plain)
     with pytest.raises(ValueError, match="max_weight"):
         task.mix_operands(model, p=0.5, max_weight=0.5)
+
+
+def test_mix_operands_towards_the_key_embedding():
+    import pytest
+
+    from compose.testing import tiny_model
+
+    task = KVArithmetic(num_keys=20, num_values=8)
+    model = task.blind_to_keys_(tiny_model("llama", vocab=task.vocab_size))
+    emb = model.get_input_embeddings()
+    recs = [r for r in task.records("numeric", 64, seed=0) if len(r["input_ids"]) == 7]
+    ids = torch.tensor([r["input_ids"] for r in recs])
+    plain = emb(ids).detach()
+    key = emb.weight[task.key(0)].detach()
+    handle = task.mix_operands(model, p=0.0, key_p=1.0, key_max_weight=0.8)
+    try:
+        model.train()
+        torch.manual_seed(0)
+        mixed = emb(ids)
+        moved = (mixed.detach() - plain).abs().amax(-1) > 0
+        operand = (ids >= task.number(0)) & (ids <= task.number(task.num_values - 1)) & ((ids == 5).cumsum(1) == 0)
+        assert not moved[~operand].any() and moved[operand].all()
+        # each blend lies on the segment from the operand's embedding towards the key embedding, at most 0.8 of the way
+        step = mixed.detach()[operand] - plain[operand]
+        direction = key - plain[operand]
+        w = (step * direction).sum(-1) / direction.pow(2).sum(-1)
+        assert torch.allclose(step, w[:, None] * direction, atol=1e-6)
+        assert 0 < float(w.min()) and float(w.max()) <= 0.8
+        mixed.sum().backward()
+        grad = emb.weight.grad
+        assert float(grad[task.key(0) :].abs().max()) == 0.0  # the shared key embedding stays put
+        assert float(grad[task.number(0)].abs().max()) > 0
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="key_max_weight"):
+        task.mix_operands(model, key_p=0.5, key_max_weight=1.0)
+
+
+def test_summary_line_reports_seeds_and_the_grid(tmp_path):
+    from compose.demo.kv import summary_line
+
+    rows = [
+        {"task": "numeric arithmetic", "CALM seed 0": 99.0, "CALM seed 3": 98.0, "CALM min": 98.0, "CALM mean": 98.5},
+        {"task": "KV-arithmetic", "CALM seed 0": 81.0, "CALM seed 3": 90.0, "CALM min": 81.0, "CALM mean": 85.5},
+    ]
+    line = summary_line(rows, grid=tmp_path / "missing.json")
+    assert "2 composition seed(s) (seed 0: 81.0%, seed 3: 90.0%): min 81.0%, mean 85.5%" in line
+    assert "grid" not in line
+    grid = tmp_path / "grid.json"
+    runs = {
+        str(i): {"variant": v, "override": o, "held-out": h}
+        for i, (v, o, h) in enumerate(
+            [("demo", {}, 70.0), ("demo", {}, 90.0), ("paper", {}, 10.0), ("demo", {"calm_steps": 9}, 5.0)]
+        )
+    }
+    grid.write_text(json.dumps(runs))
+    assert "over 2 runs of the seed x thread grid (docs/results.md): min 70.0%, mean 80.0%" in summary_line(rows, grid)
+
+
+def test_grid_table_goes_between_its_markers(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    spec = importlib.util.spec_from_file_location("kv_grid", Path(__file__).parents[1] / "bench" / "kv_grid.py")
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    row = {
+        "seed": 0, "threads": 1, "calm_seed": 0, "m_A": 2.0, "m_B": 1.0, "m_B numeric": 99.0, "numeric": 98.0,
+        "training keys": 96.0, "held-out": 85.0, "calm_cpu_seconds": 80.0,
+    }  # fmt: skip
+    bad = {**row, "seed": 1, "held-out": 30.0, "training keys": 40.0}
+    doc = tmp_path / "results.md"
+    doc.write_text("intro\n<!-- kv-grid:demo -->\nold table\n<!-- /kv-grid:demo -->\noutro\n")
+    grid.write_markdown(doc, "demo", [row, bad])
+    text = doc.read_text()
+    assert text.startswith("intro\n<!-- kv-grid:demo -->\n| base seed") and text.endswith(
+        "<!-- /kv-grid:demo -->\noutro\n"
+    )
+    assert "old table" not in text and "**85.0**" in text
+    assert "2 runs: held-out min 30.0%, mean 57.5%" in text and "1 of 2 meet all of" in text
+    with pytest.raises(SystemExit, match="kv-grid:paper"):
+        grid.write_markdown(doc, "paper", [row])

@@ -3,6 +3,7 @@
     python -m compose.demo                 # ~6-10 minutes on 2 CPU cores
     python -m compose.demo --quick         # ~1 minute smoke run (smaller models, fewer steps)
     python -m compose.demo --only calm     # or --only block_expand
+    python -m compose.demo --calm-seeds 0 1 2   # CALM once per composition seed: min and mean
     python -m compose.demo --out runs/demo
 
 Everything is trained here, on data the machine already has; nothing is downloaded.
@@ -14,7 +15,10 @@ Everything is trained here, on data the machine already has; nothing is download
    and general (English) perplexity change.
 2. **CALM key-value arithmetic** (CALM, Table 1). m_A memorises ``key -> value``; the
    anchor m_B does arithmetic; the composition trains on expressions over 20% of the
-   keys and is scored (exact match) on expressions over the held-out 80%.
+   keys and is scored (exact match) on expressions over the held-out 80%. The summary
+   gives the held-out result of each composition seed, their minimum and mean, and the
+   spread of the same configuration over base seeds and thread counts measured by
+   ``bench/kv_grid.py`` (``docs/results.md``).
 
 Results go to ``--out`` as ``results.json`` plus one PNG per experiment, and tables are
 printed. Seeds are fixed; data are generated or read in sorted order.

@@ -19,7 +19,7 @@ import torch
 from . import __doc__ as DEMO_DOC
 from .common import _log, _markdown
 from .forgetting import QUICK_FORGETTING, ForgettingConfig, run_forgetting
-from .kv import QUICK_KV, KVConfig, run_kv, run_kv_in_process
+from .kv import QUICK_KV, KVConfig, run_kv, run_kv_in_process, summary_line
 
 
 # ============================================================================ main
@@ -33,6 +33,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="torch CPU threads per process (default: 1 when both experiments run side by side, else torch's choice)",
+    )
+    p.add_argument(
+        "--calm-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="composition seeds of the CALM experiment, each trained on the same m_A and m_B (default: 0); "
+        "the summary gives their minimum and mean",
     )
     p.add_argument(
         "--sequential",
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     f_cfg = replace(QUICK_FORGETTING) if args.quick else ForgettingConfig()
     kv_cfg = replace(QUICK_KV) if args.quick else KVConfig()
+    if args.calm_seeds:
+        kv_cfg = replace(kv_cfg, calm_seeds=tuple(args.calm_seeds))
     if side_by_side:
         # CALM in a second (spawned) process, block expansion here; each logs with its own prefix.
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -82,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "kv_arithmetic" in results:
         _log("\nCALM key-value arithmetic (exact match %, held-out keys)\n")
         _log(_markdown(results["kv_arithmetic"]["rows"], digits=1))
+        _log("\n" + summary_line(results["kv_arithmetic"]["rows"]))
     results["seconds"] = time.perf_counter() - t0
     with open(out / "results.json", "w") as f:
         json.dump(results, f, indent=2, sort_keys=True)

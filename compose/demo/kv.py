@@ -34,6 +34,10 @@ class KVConfig:
     """m_B trains on blended operands (probability, largest blend weight; ``KVArithmetic.mix_operands``)
     so that its input space is smooth between numbers; ``None``: plain training (then the
     composition cannot find its way into m_B's input, see docs/results.md)."""
+    key_mix: tuple[float, float] | None = None
+    """m_B also trains on operands blended towards the shared key embedding (probability,
+    largest weight; ``KVArithmetic.mix_operands(key_p=, key_max_weight=)``), so that the path from
+    a key to its value's embedding is navigable from its start."""
     calm_steps: int = 2000
     calm_lr: float = 3e-3
     batch_size: int = 128
@@ -55,8 +59,16 @@ class KVConfig:
     No ``kv_subst``: ``k = v`` can be solved by writing the answer at ``=`` (a shortcut that does
     not transfer to arithmetic); one-key ``k op n`` / ``n op k`` rows cannot."""
     calm_rows: int = 20_000
+    calm_fit: dict = field(default_factory=dict)
+    """More :meth:`Composer.fit` options for the composition (schedule, clipping ...), over the demo's."""
+    calm_seeds: tuple[int, ...] = (0,)
+    """Composition seeds (initialisation of the connection and data order), each trained on the
+    same m_A and m_B; the demo reports every one, their minimum and their mean. One by default,
+    to keep the demo within its time budget (each more seed adds one composition's training);
+    the spread over seeds and machines is measured by ``bench/kv_grid.py``."""
     eval_n: int = 1000
     seed: int = 0
+    """Base seed: the key table, m_A and m_B (their initialisation and data order)."""
 
 
 QUICK_KV = KVConfig(
@@ -69,6 +81,16 @@ QUICK_KV = KVConfig(
     anchor_steps=40,
     calm_steps=40,
     eval_n=200,
+)
+
+#: Evaluation sets of the CALM table, in order: (row label, record kind, keys, seed).
+EVALS = (
+    ("KV-substitution", "kv_subst", "heldout", 100),
+    ("numeric arithmetic", "numeric", "train", 99),
+    ("KV-arithmetic", "kv_arith", "heldout", 101),
+    ("KV-arithmetic (training keys)", "kv_arith", "train", 102),
+    ("key first: k + n, k - n", "kv_first", "heldout", 103),
+    ("key second: n + k, n - k", "kv_second", "heldout", 104),
 )
 
 
@@ -94,7 +116,11 @@ def train_anchor(cfg: KVConfig, task) -> Any:
         _scratch_model("llama", task.vocab_size, cfg.anchor_hidden, cfg.anchor_layers, cfg.heads, 64, cfg.seed + 2)
     )
     c = Composer(anchor, strategy="full", copy_model=False)
-    handle = task.mix_operands(c.model, *cfg.operand_mix) if cfg.operand_mix else None
+    handle = None
+    if cfg.operand_mix or cfg.key_mix:
+        p, w = cfg.operand_mix or (0.0, 0.0)
+        kp, kw = cfg.key_mix or (0.0, 0.0)
+        handle = task.mix_operands(c.model, p, w, key_p=kp, key_max_weight=kw)
     try:
         c.fit(
             task.records("numeric", 20_000, seed=1),
@@ -106,34 +132,36 @@ def train_anchor(cfg: KVConfig, task) -> Any:
     return c.model.requires_grad_(False)
 
 
-def train_calm(cfg: KVConfig, task, anchor, aug):
-    """CALM on expressions over the training keys (20%), plus numeric ones to keep arithmetic."""
+def train_calm(cfg: KVConfig, task, anchor, aug, seed: int = 0, callbacks: list | None = None):
+    """CALM on expressions over the training keys (20%), plus numeric ones to keep arithmetic.
+
+    ``seed`` (a composition seed) fixes the connection's initialisation and the data order.
+    """
     from .. import Composer
 
     train = []
-    for seed, (kind, frac) in enumerate(cfg.calm_mix.items(), start=3):
-        train += task.records(kind, int(frac * cfg.calm_rows), keys="train", seed=seed)
+    for data_seed, (kind, frac) in enumerate(cfg.calm_mix.items(), start=3):
+        train += task.records(kind, int(frac * cfg.calm_rows), keys="train", seed=data_seed)
+    torch.manual_seed(seed)
     calm = Composer(
         anchor, aug, strategy="calm", connections=cfg.connections, num_heads=cfg.calm_heads, **cfg.calm_options
     )
-    calm.fit(train, **_fit_options(cfg.calm_steps, cfg.calm_lr, cfg.calm_batch_size, 7, cfg.seed, packing=False))
+    options = _fit_options(cfg.calm_steps, cfg.calm_lr, cfg.calm_batch_size, 7, seed, packing=False)
+    options.update(cfg.calm_fit)
+    calm.fit(train, callbacks=list(callbacks or []), **options)
     return calm
 
 
-def run_kv_in_process(cfg: KVConfig, out: Path, threads: int) -> dict[str, Any]:
-    """:func:`run_kv` with ``threads`` torch threads (the entry point of the demo's second process)."""
-    torch.set_num_threads(threads)
-    return run_kv(cfg, out)
+def eval_sets(task, cfg: KVConfig) -> dict[str, list[dict]]:
+    """The CALM table's evaluation sets (:data:`EVALS`), ``cfg.eval_n`` expressions each."""
+    return {label: task.records(kind, cfg.eval_n, keys=keys, seed=s) for label, kind, keys, s in EVALS}
 
 
-def run_kv(cfg: KVConfig, out: Path) -> dict[str, Any]:
-    """Train m_A (memory) and m_B (arithmetic) from scratch, compose them with CALM, score all three."""
-    from ..tasks.kv_arithmetic import KVArithmetic, answer_accuracy
+def train_bases(cfg: KVConfig, task) -> dict[str, Any]:
+    """m_A and m_B from scratch, with what the demo logs about them (memory, probe, numeric accuracy)."""
+    from ..tasks.kv_arithmetic import answer_accuracy
 
-    t0 = time.perf_counter()
-    task = KVArithmetic(num_keys=cfg.num_keys, num_values=cfg.num_values, seed=cfg.seed)
-
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     aug, mem_acc = train_augment(cfg, task)
     _log(
         f"[calm] m_A {cfg.aug_layers}x{cfg.aug_hidden} memorised {mem_acc:.1%} of values ({time.perf_counter() - t:.0f}s)"
@@ -145,51 +173,72 @@ def run_kv(cfg: KVConfig, out: Path) -> dict[str, Any]:
     )
     t = time.perf_counter()
     anchor = train_anchor(cfg, task)
-    num_eval = task.records("numeric", cfg.eval_n, seed=99)
+    numeric = answer_accuracy(anchor, task.records("numeric", cfg.eval_n, seed=99))
     _log(
-        f"[calm] m_B {cfg.anchor_layers}x{cfg.anchor_hidden} numeric arithmetic "
-        f"{answer_accuracy(anchor, num_eval):.1%} ({time.perf_counter() - t:.0f}s)"
+        f"[calm] m_B {cfg.anchor_layers}x{cfg.anchor_hidden} numeric arithmetic {numeric:.1%} "
+        f"({time.perf_counter() - t:.0f}s)"
     )
-    t = time.perf_counter()
-    calm = train_calm(cfg, task, anchor, aug)
-    n_calm = _n_trainable(calm)
-    _log(f"[calm] composition ({n_calm:,} trainable parameters) trained in {time.perf_counter() - t:.0f}s")
+    return {"aug": aug, "anchor": anchor, "memorised": mem_acc, "probe": probe, "cpu_seconds": time.process_time() - c}
 
-    evals = {
-        "KV-substitution": task.records("kv_subst", cfg.eval_n, keys="heldout", seed=100),
-        "numeric arithmetic": num_eval,
-        "KV-arithmetic": task.records("kv_arith", cfg.eval_n, keys="heldout", seed=101),
-        "KV-arithmetic (training keys)": task.records("kv_arith", cfg.eval_n, keys="train", seed=102),
-        "key first: k + n, k - n": task.records("kv_first", cfg.eval_n, keys="heldout", seed=103),
-        "key second: n + k, n - k": task.records("kv_second", cfg.eval_n, keys="heldout", seed=104),
+
+def score(models: dict[str, Any], evals: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Exact match (%) of each model on each evaluation set: ``{task: {model: %}}``."""
+    from ..tasks.kv_arithmetic import answer_accuracy
+
+    return {
+        name: {label: 100 * answer_accuracy(m, recs) for label, m in models.items()} for name, recs in evals.items()
     }
-    models = {"m_A": aug, "m_B": anchor, "CALM": calm.model}
-    rows = []
-    for name, recs in evals.items():
-        row = {"task": name}
-        for label, model in models.items():
-            row[label] = 100 * answer_accuracy(model, recs)
-        rows.append(row)
-    # Greedy generation through the composed model's own decoding loop, as a user would call it.
-    examples = []
-    for rec in evals["KV-arithmetic"][:5]:
-        prompt = torch.tensor([rec["input_ids"][: rec["answer_pos"]]])
-        gen = calm.generate(prompt, max_new_tokens=2, do_sample=False)[0].tolist()
-        examples.append(
-            {
-                "prompt": task.decode(prompt[0]),
-                "generated": task.decode(gen[prompt.shape[1] :]),
-                "answer": task.decode([rec["input_ids"][rec["answer_pos"]]]),
-            }
+
+
+def run_kv_in_process(cfg: KVConfig, out: Path, threads: int) -> dict[str, Any]:
+    """:func:`run_kv` with ``threads`` torch threads (the entry point of the demo's second process)."""
+    torch.set_num_threads(threads)
+    return run_kv(cfg, out)
+
+
+def run_kv(cfg: KVConfig, out: Path) -> dict[str, Any]:
+    """Train m_A (memory) and m_B (arithmetic) from scratch, compose them with CALM once per
+    composition seed (``cfg.calm_seeds``), and score every model."""
+    from ..tasks.kv_arithmetic import KVArithmetic
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    task = KVArithmetic(num_keys=cfg.num_keys, num_values=cfg.num_values, seed=cfg.seed)
+    bases = train_bases(cfg, task)
+    aug, anchor = bases["aug"], bases["anchor"]
+    evals = eval_sets(task, cfg)
+    table = score({"m_A": aug, "m_B": anchor}, evals)
+    compositions, examples = [], []
+    for seed in cfg.calm_seeds:
+        t = time.perf_counter()
+        calm = train_calm(cfg, task, anchor, aug, seed=seed)
+        n_calm = _n_trainable(calm)
+        scores = score({"CALM": calm.model}, evals)
+        for name in table:
+            table[name][f"CALM seed {seed}"] = scores[name]["CALM"]
+        held = scores["KV-arithmetic"]["CALM"]
+        _log(
+            f"[calm] composition seed {seed} ({n_calm:,} trainable parameters) trained in "
+            f"{time.perf_counter() - t:.0f}s: held-out KV-arithmetic {held:.1f}%, "
+            f"training keys {scores['KV-arithmetic (training keys)']['CALM']:.1f}%"
         )
-    _plot_kv(rows, out / "kv_arithmetic.png")
+        compositions.append(
+            {"seed": seed, "history": calm.history, "scores": {k: v["CALM"] for k, v in scores.items()}}
+        )
+        if not examples:
+            examples = _examples(task, calm, evals["KV-arithmetic"][:5])
+    seeds = [f"CALM seed {s}" for s in cfg.calm_seeds]
+    rows = []
+    for name, by_model in table.items():
+        values = [by_model[k] for k in seeds]
+        rows.append({"task": name, **by_model, "CALM min": min(values), "CALM mean": sum(values) / len(values)})
+    _plot_kv(rows, out / "kv_arithmetic.png", len(seeds))
     return {
         "config": asdict(cfg),
         "rows": rows,
-        "m_A_memorised_%": 100 * mem_acc,
-        "probe_heldout_%": {k: 100 * v for k, v in probe.items()},
+        "m_A_memorised_%": 100 * bases["memorised"],
+        "probe_heldout_%": {k: 100 * v for k, v in bases["probe"].items()},
         "calm_trainable": n_calm,
-        "calm_history": calm.history,
+        "compositions": compositions,
         "examples": examples,
         "vocab": {
             "keys": cfg.num_keys,
@@ -199,7 +248,52 @@ def run_kv(cfg: KVConfig, out: Path) -> dict[str, Any]:
             "vocab_size": task.vocab_size,
         },
         "seconds": time.perf_counter() - t0,
+        "cpu_seconds": time.process_time() - c0,
     }
+
+
+#: The grid's results shipped with the package's repository (``bench/kv_grid.py`` writes it).
+GRID_JSON = Path(__file__).resolve().parents[2] / "docs" / "results" / "kv_grid.json"
+
+
+def summary_line(rows: list[dict[str, Any]], grid: Path | None = GRID_JSON) -> str:
+    """The held-out KV-arithmetic result over this run's composition seeds, as the demo prints it,
+    followed by the spread of the demo's configuration over the seed x thread grid when ``grid``
+    (``docs/results/kv_grid.json``) is there."""
+    row = next(r for r in rows if r["task"] == "KV-arithmetic")
+    seeds = [k for k in row if k.startswith("CALM seed ")]
+    each = ", ".join(f"{k[5:]}: {row[k]:.1f}%" for k in seeds)
+    line = (
+        f"CALM on held-out-key KV-arithmetic, {len(seeds)} composition seed(s) ({each}): "
+        f"min {row['CALM min']:.1f}%, mean {row['CALM mean']:.1f}%"
+    )
+    if grid is not None and grid.is_file():
+        import json
+
+        runs = [r for r in json.loads(grid.read_text()).values() if r["variant"] == "demo" and not r["override"]]
+        if runs:
+            held = [r["held-out"] for r in runs]
+            line += (
+                f"\nThe same configuration over {len(runs)} runs of the seed x thread grid "
+                f"(docs/results.md): min {min(held):.1f}%, mean {sum(held) / len(held):.1f}%"
+            )
+    return line
+
+
+def _examples(task, calm, records: list[dict]) -> list[dict[str, str]]:
+    """Greedy generation through the composed model's own decoding loop, as a user would call it."""
+    examples = []
+    for rec in records:
+        prompt = torch.tensor([rec["input_ids"][: rec["answer_pos"]]])
+        gen = calm.generate(prompt, max_new_tokens=2, do_sample=False)[0].tolist()
+        examples.append(
+            {
+                "prompt": task.decode(prompt[0]),
+                "generated": task.decode(gen[prompt.shape[1] :]),
+                "answer": task.decode([rec["input_ids"][rec["answer_pos"]]]),
+            }
+        )
+    return examples
 
 
 @torch.no_grad()
@@ -219,21 +313,27 @@ def _probe(task, aug) -> dict[str, float]:
     return out
 
 
-def _plot_kv(rows: list[dict[str, Any]], path: Path) -> None:
+def _plot_kv(rows: list[dict[str, Any]], path: Path, n_seeds: int) -> None:
+    """Bars: m_A, m_B and CALM's mean over the composition seeds, whiskers from CALM's min to max."""
     plt = _pyplot()
-    labels = ["m_A", "m_B", "CALM"]
-    colors = {"m_A": "tab:orange", "m_B": "tab:blue", "CALM": "tab:green"}
+    labels = ["m_A", "m_B", "CALM mean"]
+    colors = {"m_A": "tab:orange", "m_B": "tab:blue", "CALM mean": "tab:green"}
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.26
     for k, label in enumerate(labels):
         xs = [i + (k - 1) * width for i in range(len(rows))]
         ys = [r[label] for r in rows]
-        bars = ax.bar(xs, ys, width, label=label, color=colors[label])
+        err = None
+        if label == "CALM mean":
+            highs = [max(v for key, v in r.items() if key.startswith("CALM seed ")) for r in rows]
+            err = [[y - r["CALM min"] for y, r in zip(ys, rows)], [h - y for h, y in zip(highs, ys)]]
+        name = f"CALM (mean of {n_seeds} seeds, min-max)" if label == "CALM mean" else label
+        bars = ax.bar(xs, ys, width, label=name, color=colors[label], yerr=err, capsize=3 if err else 0)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(range(len(rows)), [r["task"] for r in rows], fontsize=8, rotation=15, ha="right")
     ax.set_ylabel("exact match (%)")
     ax.set_ylim(0, 105)
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.set_title("CALM key-value arithmetic (keys held out from the composition's training)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

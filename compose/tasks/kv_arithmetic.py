@@ -190,32 +190,59 @@ class KVArithmetic:
             out.append({"input_ids": ids, "labels": labels})
         return out
 
-    def mix_operands(self, model: torch.nn.Module, p: float = 0.3, max_weight: float = 0.3):
-        """While ``model`` trains, blend some operand embeddings with another number's; returns the hook handle.
+    def mix_operands(
+        self,
+        model: torch.nn.Module,
+        p: float = 0.3,
+        max_weight: float = 0.3,
+        *,
+        key_p: float = 0.0,
+        key_max_weight: float = 0.9,
+    ):
+        """While ``model`` trains, blend some operand embeddings; returns the hook handle.
 
         Each operand (a number token before ``=``) is, with probability ``p``, fed as
         ``(1 - w) * emb(a) + w * emb(r)`` with ``r`` a random operand and ``w ~ U(0, max_weight)``,
         while the target stays the answer for ``a``. The anchor then answers from the dominant
         number of a blend, so its input space is meaningful *between* number embeddings, as
-        a pretrained LM's is, and not only at the ``2V - 1`` points it was trained on. A
-        composition that writes into the anchor's input needs that: it starts from no
-        number at all and must be able to follow the loss towards the right one
+        a pretrained LM's is, and not only at the ``2V - 1`` points it was trained on.
+
+        With ``key_p > 0``, an operand not blended that way is, with probability ``key_p``,
+        fed as ``(1 - w) * emb(a) + w * emb(key)`` instead, ``w ~ U(0, key_max_weight)``,
+        ``emb(key)`` being the one embedding every key shares after :meth:`blind_to_keys_`
+        (held fixed: no gradient reaches it through the blend). The anchor then reads a
+        number even from a faint trace of it on top of the key embedding, so the straight
+        path from a key to its value's embedding, the path a composition writing into the
+        anchor's input starts on, is one the loss can follow from its first step
         (``docs/results.md``, section 2). In eval mode the hook does nothing; call
         ``.remove()`` on the handle when training is done.
         """
         if not 0 <= p <= 1 or not 0 <= max_weight < 0.5:
             raise ValueError(f"need 0 <= p <= 1 and 0 <= max_weight < 0.5, got p={p}, max_weight={max_weight}")
+        if not 0 <= key_p <= 1 or not 0 <= key_max_weight < 1:
+            raise ValueError(
+                f"need 0 <= key_p <= 1 and 0 <= key_max_weight < 1, got key_p={key_p}, key_max_weight={key_max_weight}"
+            )
         lo, hi = self.number(0), self.number(self.num_values - 1)
+        key = self.key(0)
 
         def hook(module, args, output):
             if not module.training:
                 return None
             ids = args[0]
             before_eq = (ids == EQ).long().cumsum(1) == 0
-            pick = (ids >= lo) & (ids <= hi) & before_eq & (torch.rand(ids.shape, device=ids.device) < p)
+            operand = (ids >= lo) & (ids <= hi) & before_eq
+            draw = torch.rand(ids.shape, device=ids.device)
+            pick = operand & (draw < p)
             other = torch.nn.functional.embedding(torch.randint_like(ids, lo, hi + 1), module.weight)
             w = (torch.rand(ids.shape, device=ids.device) * max_weight)[..., None].to(output.dtype)
-            return torch.where(pick[..., None], (1 - w) * output + w * other, output)
+            out = torch.where(pick[..., None], (1 - w) * output + w * other, output)
+            if key_p > 0:
+                to_key = operand & ~pick & (torch.rand(ids.shape, device=ids.device) < key_p)
+                wk = (torch.rand(ids.shape, device=ids.device) * key_max_weight)[..., None].to(output.dtype)
+                k = module.weight[key].detach().to(output.dtype)
+                out = torch.where(to_key[..., None], (1 - wk) * output + wk * k, out)
+            return out
 
         return model.get_input_embeddings().register_forward_hook(hook)
 
