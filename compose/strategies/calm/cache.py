@@ -17,6 +17,8 @@ Beam search reorders all of them together (:meth:`CalmCache.reorder_cache`).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel
 
@@ -69,6 +71,20 @@ class CalmCache(Cache):
         for i, rows in enumerate(self.cross):
             if rows:
                 self.cross[i] = [r.clone() for r in pick(rows)]
+
+    @classmethod
+    def resolve(
+        cls, cache: Any, use_cache: bool | None, anchor: PreTrainedModel, augments: list[PreTrainedModel], n: int
+    ) -> CalmCache | None:
+        """The cache a forward call works with: the one given (it must be a CalmCache), or a new one if wanted."""
+        if cache is not None and not isinstance(cache, CalmCache):
+            raise TypeError(
+                f"a CALM composition keeps a CalmCache, got {type(cache).__name__}; pass the cache a previous "
+                "call returned, or none (generate builds its own)"
+            )
+        if cache is None and use_cache:
+            cache = cls.for_models(anchor, augments, n)
+        return cache
 
     @classmethod
     def for_models(cls, anchor: PreTrainedModel, augments: list[PreTrainedModel], num_connections: int) -> CalmCache:
