@@ -75,7 +75,6 @@ def weights(out: Path, strategy: str) -> dict[str, torch.Tensor]:
     return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["block_expand", "calm"])
 def test_fsdp2_kill_resume_equals_uninterrupted_and_single_process(tmp_path, strategy):
     args = ["--strategy", strategy, "--steps", "4", "--save-every", "1", "--batch-size", "1"]

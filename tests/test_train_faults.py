@@ -179,7 +179,6 @@ def script(out: Path, *extra: str, kill: str | None = None) -> int:
     return subprocess.run(ARGS + ["--out", str(out), *extra], env=env, stderr=subprocess.DEVNULL).returncode
 
 
-@pytest.mark.slow
 def test_kill_at_every_point_of_a_save_keeps_the_last_good_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
