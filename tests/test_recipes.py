@@ -190,3 +190,19 @@ def test_check_counts_trainable_parameters_per_stage(monkeypatch):
     block = sum(p.numel() for p in model.model.layers[0].parameters())
     assert recipe.counts["expand"] == 2 * block
     assert recipe.counts["sft"] == sum(p.numel() for p in model.parameters()) + 2 * block
+
+
+def test_augment_tokenizer_is_passed_to_the_composer(tmp_path):
+    from compose.recipe.runner import _build_composer
+
+    tok_dir = tmp_path / "aug_tok"
+    tiny_tokenizer().save_pretrained(tok_dir)
+    calm = ["strategy=calm", "augment=tiny:llama?layers=2&seed=1", "options={every: 1}"]
+    stage = check_recipe(_write(tmp_path, BASE), calm + [f"data.augment_tokenizer={tok_dir}"]).stages[0]
+    assert _build_composer(stage.config).strategy_name == "calm"
+    two = check_recipe(_write(tmp_path, BASE), calm + [f"data.augment_tokenizer=[{tok_dir},{tok_dir}]"]).stages[0]
+    with pytest.raises(ValueError, match="augment_tokenizer has 2 entries for 1"):
+        _build_composer(two.config)
+    expand = check_recipe(_write(tmp_path, BASE), [f"data.augment_tokenizer={tok_dir}"]).stages[0]
+    with pytest.raises(ValueError, match="takes no augment_tokenizer"):
+        _build_composer(expand.config)

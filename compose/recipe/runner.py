@@ -35,11 +35,14 @@ def _build_composer(cfg: DictConfig):
     tokenizer = cfg.data.tokenizer
     if tokenizer is None and isinstance(cfg.anchor, str) and cfg.anchor.startswith(TINY_PREFIX):
         tokenizer = tiny_tokenizer()
+    augment_tokenizer = to_container(cfg.data.augment_tokenizer)
+    extra = {} if augment_tokenizer is None else {"augment_tokenizer": augment_tokenizer}
     return Composer(
         anchor,
         augments if len(augments) > 1 else (augments[0] if augments else None),
         strategy=cfg.strategy,
         tokenizer=tokenizer,
+        **extra,
         copy_model=False,
         dtype=cfg.dtype,
         **to_container(cfg.options),

@@ -62,6 +62,9 @@ class DataSection:
     """Held-out source(s) whose loss is logged during training (``eval_loss``)."""
     tokenizer: str | None = None
     """Tokenizer path or hub id; default: the one beside the anchor."""
+    augment_tokenizer: Any = None
+    """``calm`` only: the augmenting model's own tokenizer (path or hub id; a list with several augments).
+    The augment then reads the text with it, aligned by characters; default: same-vocabulary composition."""
     seq_len: int = _train_default("seq_len")
     packing: bool = _train_default("packing")
     mask_prompt: bool = _train_default("mask_prompt")
@@ -250,7 +253,7 @@ def validate_sections(cfg: DictConfig, where: str) -> None:
     top = {k: to_container(cfg[k]) for k in ("anchor", "strategy", "dtype")}
     _check(RecipeSchema, top, where, "recipe")
     data = to_container(cfg.data)
-    _check(DataSection, {k: data[k] for k in ("tokenizer",)}, where, "data")
+    _check(DataSection, {k: data[k] for k in ("tokenizer", "augment_tokenizer")}, where, "data")
     _check(TrainConfig, {k: data[k] for k in DATA_KEYS}, where, "data", TRAIN_RULES)
     _check(OutputSection, to_container(cfg.output), where, "output")
     ev = to_container(cfg.eval)
