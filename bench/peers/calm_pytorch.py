@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.metadata as md
-import json
 import platform
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GemmaConfig
 
-from bench.peers.protocol import CONNECTIONS, PAD, TINY_GEMMA, measure, randomize_
+from bench.peers.protocol import CONNECTIONS, PAD, TINY_GEMMA, measure, randomize_, report
 
 
 class LogitsOnly(nn.Module):
@@ -118,11 +116,7 @@ def main() -> None:
         "default": run(causal=False),
         "attn_kwargs={'causal': True}": run(causal=True),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

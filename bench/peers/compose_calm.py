@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.metadata as md
-import json
 import platform
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GemmaConfig
 
-from bench.peers.protocol import CONNECTIONS, TINY_GEMMA, measure, randomize_
+from bench.peers.protocol import CONNECTIONS, TINY_GEMMA, measure, randomize_, report
 from compose import Composer
 
 
@@ -72,11 +70,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
         "default": run(),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

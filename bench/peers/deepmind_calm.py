@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata as md
-import json
 import platform
 import tempfile
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from bench.peers.protocol import CONNECTIONS, TINY_GEMMA, measure, randomize_
+from bench.peers.protocol import CONNECTIONS, TINY_GEMMA, measure, randomize_, report
 
 
 def tiny(seed: int):
@@ -129,11 +128,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
         **measured,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

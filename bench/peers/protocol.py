@@ -16,7 +16,9 @@ script builds its composition on the tiny models below and hands over:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -137,3 +139,12 @@ def measure(
         if step_logits is not None:
             out["decode"]["step_logits_vs_full_forward_max_abs_diff"] = _max_abs(step_logits, full)
     return out
+
+
+def report(result: dict, out: str | None) -> None:
+    """Print ``result`` as JSON and, with ``out``, write it there too."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
