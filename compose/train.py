@@ -46,7 +46,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from . import arch
-from .data import IGNORE, TokenBlocks, build_blocks, check_cache_dir, check_num_proc, stream_blocks
+from .data import IGNORE, TokenBlocks, build_blocks, check_cache_dir, stream_blocks
 from .evaluate import eval_loss_sums
 from .io import atomic_directory, read_json, write_json
 
@@ -158,36 +158,12 @@ class TrainConfig:
     """Callables ``cb(step, metrics)`` run after every optimizer step on every process."""
 
     def __post_init__(self) -> None:
-        def positive(name: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        # types and ranges: the one validation layer (compose.validation.TRAIN_RULES)
+        from .validation import validate_train_options
 
-        for name in (
-            "max_steps",
-            "batch_size",
-            "seq_len",
-            "gradient_accumulation_steps",
-            "keep_checkpoints",
-            "loss_chunk_tokens",
-        ):
-            positive(name)
-        for name in ("eval_every", "save_every", "log_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lr_scheduler not in ("cosine", "linear", "constant"):
-            raise ValueError(f"lr_scheduler must be cosine, linear or constant, got {self.lr_scheduler!r}")
-        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.on_nonfinite not in ("error", "skip"):
-            raise ValueError(f"on_nonfinite must be 'error' or 'skip', got {self.on_nonfinite!r}")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        check_num_proc(self.num_proc)
+        checked = validate_train_options({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        for name, value in checked.items():
+            setattr(self, name, value)
         if self.resume and self.output_dir is None and not isinstance(self.resume, str):
             raise ValueError("resume=True needs output_dir (where the checkpoints are)")
         self.adam_betas = tuple(self.adam_betas)

@@ -334,14 +334,10 @@ def check_strategy_against_model(name: str, config: Any, model_config: Any) -> N
     """Checks that need the anchor's config, run before anything is built (so before memory grows)."""
     from . import arch
 
-    if name == "block_expand":
-        layers = arch.num_layers(model_config)
-        n = getattr(config, "num_blocks", None)
-        if isinstance(n, int) and n > 4 * layers:
-            raise OptionError(
-                f"num_blocks={n} is not accepted for a model of {layers} blocks; expected at most "
-                f"4 x {layers} = {4 * layers} new blocks"
-            )
+    if name == "block_expand":  # the strategy's own plan holds the rule (num_blocks, placement range)
+        from .strategies.block_expand import plan_insertions
+
+        plan_insertions(arch.num_layers(model_config), config)
 
 
 def validate_generate_options(

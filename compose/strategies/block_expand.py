@@ -46,6 +46,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .. import arch
+from ..validation import OptionError
 from .base import Strategy, StrategyConfig, register
 
 __all__ = ["BlockExpandConfig", "BlockExpand", "NewBlockLora", "plan_insertions", "merged_state_dict"]
@@ -299,9 +300,9 @@ def plan_insertions(num_original: int, config: BlockExpandConfig) -> list[tuple[
     """
     n, p = num_original, config.num_blocks
     if p > MAX_BLOCKS_PER_LAYER * n:
-        raise ValueError(
-            f"num_blocks={p} is more than {MAX_BLOCKS_PER_LAYER} x the model's {n} blocks; "
-            f"use num_blocks <= {MAX_BLOCKS_PER_LAYER * n} (LLaMA Pro adds one block per four)"
+        raise OptionError(
+            f"num_blocks={p} is not accepted for a model of {n} blocks; expected at most "
+            f"{MAX_BLOCKS_PER_LAYER} x {n} = {MAX_BLOCKS_PER_LAYER * n} new blocks (LLaMA Pro adds one block per four)"
         )
     if isinstance(config.placement, list):
         bad = [i for i in config.placement if not -n <= i < n]
