@@ -47,28 +47,53 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+#: KVConfig fields that m_A and m_B depend on (the cache key of ``--cache``).
+BASE_FIELDS = (
+    "num_keys", "num_values", "aug_hidden", "aug_layers", "aug_family", "anchor_hidden", "anchor_layers",
+    "heads", "aug_steps", "aug_lr", "anchor_steps", "anchor_lr", "operand_mix", "key_mix", "batch_size", "seed",
+)  # fmt: skip
+
+
+def _bases(cfg, task, args: argparse.Namespace) -> dict:
+    """m_A and m_B for ``cfg``: trained, or their weights loaded from ``--cache`` when trained before."""
+    import hashlib
+
+    import torch
+
+    from compose.demo.common import _scratch_model
+    from compose.demo.kv import train_bases
+
+    if not args.cache:
+        return train_bases(cfg, task)
+    spec = json.dumps([getattr(cfg, f) for f in BASE_FIELDS] + [args.threads], default=list)
+    path = Path(args.cache) / f"bases_{hashlib.sha256(spec.encode()).hexdigest()[:16]}.pt"
+    if path.exists():
+        saved = torch.load(path)
+        aug = _scratch_model(cfg.aug_family, task.vocab_size, cfg.aug_hidden, cfg.aug_layers, cfg.heads, 64, 0)
+        anchor = _scratch_model("llama", task.vocab_size, cfg.anchor_hidden, cfg.anchor_layers, cfg.heads, 64, 0)
+        aug.load_state_dict(saved["aug"])
+        anchor.load_state_dict(saved["anchor"])
+        return {"aug": aug.requires_grad_(False), "anchor": anchor.requires_grad_(False), **saved["info"]}
+    bases = train_bases(cfg, task)
+    info = {k: v for k, v in bases.items() if k not in ("aug", "anchor")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"aug": bases["aug"].state_dict(), "anchor": bases["anchor"].state_dict(), "info": info}, tmp)
+    tmp.replace(path)
+    return bases
+
+
 def _worker(args: argparse.Namespace) -> None:
     import torch
 
-    from compose.demo.kv import KVConfig, eval_sets, score, train_bases, train_calm
+    from compose.demo.kv import KVConfig, eval_sets, score, train_calm
     from compose.tasks.kv_arithmetic import KVArithmetic
 
     torch.set_num_threads(args.threads)
     overrides = {**VARIANTS[args.variant], **json.loads(args.override or "{}")}
     cfg = replace(KVConfig(), seed=args.seed, calm_seeds=tuple(args.calm_seeds), **overrides)
     task = KVArithmetic(num_keys=cfg.num_keys, num_values=cfg.num_values, seed=cfg.seed)
-    cached = Path(args.cache) / f"bases_seed{args.seed}_threads{args.threads}.pt" if args.cache else None
-    if cached is not None and cached.exists():
-        bases = torch.load(cached, weights_only=False)
-    else:
-        bases = train_bases(cfg, task)
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                torch.save(bases, cached)
-            except (AttributeError, TypeError) as err:  # e.g. hooks transformers installed are not picklable
-                cached.unlink(missing_ok=True)
-                print(f"not caching m_A / m_B for seed {args.seed}, threads {args.threads}: {err}", flush=True)
+    bases = _bases(cfg, task, args)
     evals = eval_sets(task, cfg)
     alone = score({"m_A": bases["aug"], "m_B": bases["anchor"]}, evals)
     held_tr = task.records("kv_arith", 500, keys="train", seed=202)
@@ -211,6 +236,67 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _worker_cmd(args: argparse.Namespace, seed: int, threads: int) -> list[str]:
+    cmd = [sys.executable, __file__, "--worker", "--seed", str(seed), "--threads", str(threads)]
+    cmd += ["--variant", args.variant, "--calm-seeds", *map(str, args.calm_seeds)]
+    cmd += ["--curve-every", str(args.curve_every)]
+    if args.override:
+        cmd += ["--override", args.override]
+    if args.cache:
+        cmd += ["--cache", args.cache]
+    return cmd
+
+
+def _run_workers(args: argparse.Namespace, jobs: list[tuple[int, int]], results: dict, out: Path) -> None:
+    """Run one worker process per (base seed, threads), ``args.jobs`` at a time; collect their rows.
+
+    Workers running side by side change only how fast each runs, not what it computes (the
+    thread count of each, which fixes its summation order, is its own).
+    """
+    import selectors
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    pending, running = list(jobs), {}
+    sel = selectors.DefaultSelector()
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            seed, threads = pending.pop(0)
+            proc = subprocess.Popen(
+                _worker_cmd(args, seed, threads), stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
+            )
+            running[proc.stdout] = (proc, seed, threads)
+            sel.register(proc.stdout, selectors.EVENT_READ)
+        for key, _ in sel.select():
+            proc, seed, threads = running[key.fileobj]
+            line = key.fileobj.readline()
+            if line:
+                _handle_line(args, line, seed, threads, results, out)
+                continue
+            sel.unregister(key.fileobj)
+            del running[key.fileobj]
+            if proc.wait():
+                raise SystemExit(f"worker for seed {seed}, threads {threads} failed (exit {proc.returncode})")
+
+
+def _handle_line(args: argparse.Namespace, line: str, seed: int, threads: int, results: dict, out: Path) -> None:
+    if not line.startswith("ROW "):
+        print(f"[seed {seed}, {threads} thread(s)] {line}", end="", flush=True)
+        return
+    row = json.loads(line[4:])
+    results[_key(row)] = row
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+    tmp.replace(out)
+    print(
+        f"{args.variant} seed {seed} threads {threads} composition seed {row['calm_seed']}: "
+        f"held-out {row['held-out']:.1f}%, training keys {row['training keys']:.1f}%, "
+        f"numeric {row['numeric']:.1f}% (m_B {row['m_B numeric']:.1f}%), "
+        f"{row['calm_cpu_seconds']:.0f} CPU s",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="base seeds (m_A, m_B, key table)")
@@ -225,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache", default=None, help="directory that keeps trained m_A / m_B per (base seed, threads)")
     p.add_argument("--curve-every", type=int, default=0, help="record training/held-out accuracy every N steps")
     p.add_argument("--plot", default=None, help="also write a PNG of the variant's runs here")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes run side by side (default 2)")
     p.add_argument("--table-only", action="store_true", help="only rewrite the markdown table from --out")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, help=argparse.SUPPRESS)
@@ -235,34 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     if not args.table_only:
-        for seed in args.seeds:
-            for threads in args.threads:
-                cmd = [sys.executable, __file__, "--worker", "--seed", str(seed), "--threads", str(threads)]
-                cmd += ["--variant", args.variant, "--calm-seeds", *map(str, args.calm_seeds)]
-                cmd += ["--curve-every", str(args.curve_every)]
-                if args.override:
-                    cmd += ["--override", args.override]
-                if args.cache:
-                    cmd += ["--cache", args.cache]
-                env = {**os.environ, "PYTHONPATH": str(ROOT)}
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-                for line in proc.stdout:
-                    if line.startswith("ROW "):
-                        row = json.loads(line[4:])
-                        results[_key(row)] = row
-                        out.parent.mkdir(parents=True, exist_ok=True)
-                        out.write_text(json.dumps(results, indent=1, sort_keys=True))
-                        print(
-                            f"{args.variant} seed {seed} threads {threads} composition seed {row['calm_seed']}: "
-                            f"held-out {row['held-out']:.1f}%, training keys {row['training keys']:.1f}%, "
-                            f"numeric {row['numeric']:.1f}% (m_B {row['m_B numeric']:.1f}%), "
-                            f"{row['calm_cpu_seconds']:.0f} CPU s",
-                            flush=True,
-                        )
-                    else:
-                        print(line, end="", flush=True)
-                if proc.wait():
-                    raise SystemExit(f"worker for seed {seed}, threads {threads} failed (exit {proc.returncode})")
+        jobs = [(seed, threads) for seed in args.seeds for threads in args.threads]
+        _run_workers(args, jobs, results, out)
     # The demo's table holds the demo's own configuration only; another variant's holds every
     # attempt made with it, each marked with what it changed.
     rows = [
