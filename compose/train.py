@@ -1112,16 +1112,20 @@ def _gather_state(run: _Run) -> dict[str, Any]:
 
 
 def _zero_parts(run: _Run):
-    """ZeRO's optimizer, the torch optimizer it steps (one flat fp32 buffer per group or sub-group),
-    and the model parameters behind each of those buffers."""
+    """ZeRO's optimizer, the torch optimizer it steps, and ``(group index, flat fp32 buffer, model
+    parameters in it)`` for each buffer: one per group in ZeRO-1/2, one per sub-group in ZeRO-3."""
     zero = run.optimizer.optimizer
-    groups = getattr(zero, "bit16_groups", None) or getattr(zero, "fp16_groups", None)
-    if groups is None or len(groups) != len(zero.optimizer.param_groups):
+    if hasattr(zero, "bit16_groups"):
+        flats = zip(range(len(zero.bit16_groups)), zero.single_partition_of_fp32_groups, zero.bit16_groups)
+    elif hasattr(zero, "fp32_partitioned_groups_flat"):
+        ids = [zero.sub_group_to_group_id[s] for s in range(len(zero.fp16_groups))]
+        flats = zip(ids, zero.fp32_partitioned_groups_flat, zero.fp16_groups)
+    else:
         raise RuntimeError(
-            f"cannot map {type(zero).__name__}'s parameter groups to model parameters: this DeepSpeed version "
-            "is not supported by compose's checkpoints"
+            f"compose cannot read the partitions of {type(zero).__name__} (this DeepSpeed version or ZeRO mode "
+            "is not supported by compose's checkpoints)"
         )
-    return zero, zero.optimizer, groups
+    return zero, zero.optimizer, list(flats)
 
 
 def _zero_link_state(zero) -> None:
@@ -1137,20 +1141,18 @@ def _deepspeed_gather(run: _Run) -> tuple[dict[str, torch.Tensor], dict[str, Any
     name, assembled from ZeRO's partitions (a collective: every process calls it)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    zero, inner, groups = _zero_parts(run)
+    zero, inner, flats = _zero_parts(run)
     names: dict[int, list[str]] = {}
     for n, p in run.model.named_parameters(remove_duplicate=False):
         names.setdefault(id(p), []).append(n)
-    flat = inner.param_groups[0]["params"][0]
-    first = inner.state.get(flat, {})  # empty until a first update
-    keys = [k for k, v in first.items() if torch.is_tensor(v) and v.shape == flat.shape]
+    first = inner.state.get(flats[0][1], {})  # empty until a first update
+    keys = [k for k, v in first.items() if torch.is_tensor(v) and v.shape == flats[0][1].shape]
     scalars = {k: v for k, v in first.items() if k not in keys}
     if keys:
         _zero_link_state(zero)
-    model, state, param_groups = {}, {}, []
-    for group, params in zip(inner.param_groups, groups):
-        hyper = {k: v for k, v in group.items() if k != "params"}
-        param_groups.append({**hyper, "params": [n for p in params for n in names[id(p)]]})
+    model, state = {}, {}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in inner.param_groups]
+    for index, _, params in flats:
         for p in params:
             shape = getattr(p, "ds_shape", p.shape)
             value = safe_get_full_fp32_param(p).detach().reshape(shape).to("cpu").clone()
@@ -1159,7 +1161,8 @@ def _deepspeed_gather(run: _Run) -> tuple[dict[str, torch.Tensor], dict[str, Any
                 entry[k] = safe_get_full_optimizer_state(p, k).detach().reshape(shape).to("cpu").clone()
             for n in names[id(p)]:
                 model[n], state[n] = value, entry
-    return model, {"state": state, "param_groups": param_groups}
+                groups[index]["params"].append(n)
+    return model, {"state": state, "param_groups": groups}
 
 
 def _deepspeed_load(run: _Run, tensors: dict[str, torch.Tensor], optim: dict[str, Any]) -> None:
@@ -1167,7 +1170,7 @@ def _deepspeed_load(run: _Run, tensors: dict[str, torch.Tensor], optim: dict[str
     import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    zero, inner, _ = _zero_parts(run)
+    zero, inner, flats = _zero_parts(run)
     device = run.accelerator.device
     params = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0, enabled=run.zero == 3):
@@ -1179,10 +1182,9 @@ def _deepspeed_load(run: _Run, tensors: dict[str, torch.Tensor], optim: dict[str
     if optim["state"]:
         sample = next(iter(optim["state"].values()))
         keys = [k for k, v in sample.items() if torch.is_tensor(v) and v.ndim > 0]
-        for group in inner.param_groups:  # AdamW creates its state lazily: lay it out first, then fill it
-            for flat in group["params"]:
-                inner.state[flat] = {k: v.clone() if torch.is_tensor(v) else v for k, v in sample.items()}
-                inner.state[flat].update({k: torch.zeros_like(flat) for k in keys})
+        for _, flat, _ in flats:  # AdamW creates its state lazily: lay it out first, then fill it
+            inner.state[flat] = {k: v.clone() if torch.is_tensor(v) else v for k, v in sample.items()}
+            inner.state[flat].update({k: torch.zeros_like(flat) for k in keys})
         _zero_link_state(zero)
         for n, p in params:
             for k in keys:
