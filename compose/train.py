@@ -18,10 +18,12 @@ the ``r``-th slice of ``B`` rows. Streaming data: each process reads its own sha
 order; its exact position is stored in every checkpoint.
 
 Checkpoints (``output_dir/checkpoints/step-N``) are the same for every distributed type
-(one process, DDP, FSDP2): the full state of the *trainable* tensors, the optimizer state
+(one process, DDP, FSDP2, DeepSpeed ZeRO): the full state of the *trainable* tensors, the optimizer state
 keyed by parameter name (safetensors + JSON), the scheduler, the RNG, the data position,
 and last a ``manifest.json`` with the sha256 of every file. Nothing is unpickled on resume.
-FSDP2 state is gathered and re-sharded with ``torch.distributed.checkpoint.state_dict``.
+FSDP2 state is gathered and re-sharded with ``torch.distributed.checkpoint.state_dict``; ZeRO
+state with DeepSpeed's ``safe_get_full_*`` / ``safe_set_full_*`` (fp32 masters, optimizer state).
+Under DeepSpeed the engine does accumulation, clipping and the update.
 """
 
 from __future__ import annotations

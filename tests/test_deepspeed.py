@@ -187,3 +187,31 @@ def test_deepspeed_launch_without_deepspeed_names_the_extra(monkeypatch):
     acc = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)
     with pytest.raises(ImportError, match=r"compose-llm\[deepspeed\]"):
         _deepspeed_on_cpu(acc)
+
+
+# ---------------------------------------------------------------------------- on GPUs (pytest -m gpu)
+@pytest.mark.gpu
+@needs_deepspeed
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_bf16_on_two_gpus_resumes_and_saves(tmp_path, stage):
+    """The shipped configs as they are meant to run: NCCL, a bf16 engine (fit's mixed_precision='auto')."""
+    gpu = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    gpu += [str(ROOT / "recipes" / "accelerate" / f"zero{stage}.yaml"), "--num_processes", "2"]
+    args = ["--strategy", "block_expand", "--steps", "4", "--save-every", "1", "--batch-size", "1"]
+    out = run(gpu + [str(SCRIPT), "--out", str(tmp_path / "whole")] + args)
+    assert f"compose: training under DeepSpeed ZeRO-{stage} on 2 processes" in out
+    import shutil
+
+    part = tmp_path / "part"  # the run as if stopped after checkpoint 2
+    shutil.copytree(tmp_path / "whole", part)
+    for name in ("checkpoints/step-0000003", "checkpoints/step-0000004", "final"):
+        shutil.rmtree(part / name)
+    (part / "complete.json").unlink()
+    run(gpu + [str(SCRIPT), "--out", str(part), "--resume"] + args)
+    whole, resumed = weights(tmp_path / "whole"), weights(part)
+    for k in whole:  # GPU kernels are not bit-deterministic; bf16 compute
+        torch.testing.assert_close(resumed[k].float(), whole[k].float(), rtol=2e-2, atol=2e-2, msg=k)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(part / "final").config.num_hidden_layers == 6
