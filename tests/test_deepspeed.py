@@ -146,6 +146,43 @@ def test_zero_kill_resume_equals_uninterrupted_and_single_process(tmp_path, stra
         assert torch.isfinite(loaded.model(input_ids=ids).logits).all()
 
 
+NAN_SCRIPT = """
+import sys, torch
+from compose import Composer
+from compose.testing import tiny_model
+torch.set_num_threads(1)
+done = {"steps": 0}
+def poison(module, args, out):  # the forward of step 2 returns NaN logits
+    if done["steps"] == 1 and module.training:
+        out.logits = out.logits * float("nan")
+    return out
+c = Composer(tiny_model("llama", seed=0), strategy="block_expand", num_blocks=2)
+c.model.register_forward_hook(poison)
+rows = [{"input_ids": torch.randint(3, 96, (24,), generator=torch.Generator().manual_seed(i)).tolist()} for i in range(8)]
+try:
+    c.fit(rows, max_steps=3, learning_rate=1e-2, batch_size=1, seq_len=16, on_nonfinite=sys.argv[2],
+          output_dir=sys.argv[1], progress=False, report_to=None,
+          callbacks=[lambda step, metrics: done.__setitem__("steps", step)])
+except FloatingPointError as e:
+    print("compose-test: error:", e, flush=True)
+    sys.exit(0)
+trained = c.trainable_parameters()
+finite = all(bool(torch.isfinite(p).all()) for p in trained.values())
+print("compose-test: skipped", c.history[-1].get("skipped_steps"), "finite", finite, flush=True)
+"""
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_zero_non_finite_step_is_refused_or_skipped(tmp_path):
+    script = tmp_path / "nan.py"
+    script.write_text(NAN_SCRIPT)
+    out = run(launch(2) + [str(script), str(tmp_path / "skip"), "skip"])
+    assert out.count("compose-test: skipped 1 finite True") == 2  # both processes, weights untouched by NaN
+    out = run(launch(2) + [str(script), str(tmp_path / "error"), "error"])
+    assert "compose-test: error: non-finite training values at step 2" in out
+
+
 # ---------------------------------------------------------------------------- fast checks (no launch)
 def fake_accelerator(ds_config: dict, world: int = 2):
     plugin = SimpleNamespace(deepspeed_config=ds_config)
