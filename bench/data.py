@@ -19,7 +19,8 @@ subprocess so that peak memory is that measurement's alone:
 Peak RSS is the subprocess's ``ru_maxrss`` (it counts pages of memory-mapped Arrow files
 the process touched) and, sampled every 50 ms, its peak anonymous RSS (``RssAnon``:
 memory the process itself allocated). With ``--num-proc`` the workers' own peak is
-reported separately (``RUSAGE_CHILDREN``).
+reported separately (``RUSAGE_CHILDREN``). CPU seconds (user + system, all threads) are
+reported beside wall time: on a shared machine their ratio moves less than the wall-time one.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def child(args) -> None:
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     import compose.data  # noqa: F401 - imports are not part of the measurement
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     if args.what == "tokenizer":
         tokens = _tokenizer_alone(tok, Path(args.corpus))
         extra = {}
@@ -111,13 +112,20 @@ def child(args) -> None:
         blocks = build_blocks(args.corpus, tok, args.seq_len, cache_dir=args.cache, num_proc=args.num_proc)
         tokens = blocks.num_tokens
         extra = {"blocks": len(blocks), "cache_files": len(blocks.dataset.cache_files)}
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     time.sleep(0.06)
-    out = {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "peak_rss_mb": ru / 1024}
+    out = {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed, "cpu_seconds": cpu}
+    out["peak_rss_mb"] = ru / 1024
     out.update({"peak_anon_mb": peak["anon_kb"] / 1024, "workers_peak_rss_mb": kids / 1024, **extra})
     print("RESULT " + json.dumps(out))
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process, all threads (less sensitive than wall time to other load on the machine)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _tokenizer_alone(tok, corpus: Path) -> int:
@@ -215,17 +223,21 @@ def main() -> None:
 
 def table(results: dict) -> str:
     lines = [
-        "| corpus | run | tokens | seconds | tokens/s | vs tokenizer | peak RSS (MB) | peak anon RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| corpus | run | tokens | seconds | tokens/s | vs tokenizer | CPU s | vs tokenizer (CPU) | peak RSS (MB) "
+        "| peak anon RSS (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for size, row in results.items():
-        base = row["tokenizer"]["tokens_per_s"]
+        base, base_cpu = row["tokenizer"]["tokens_per_s"], row["tokenizer"].get("cpu_seconds")
         for name, r in row.items():
             ratio = f"{r['tokens_per_s'] / base:.2f}x" if name != "fit" else "-"
+            cpu = r.get("cpu_seconds")
+            cpu_ratio = f"{base_cpu / cpu:.2f}x" if name != "fit" and cpu and base_cpu else "-"
             tokens = f"{r['tokens']:,}" if name != "fit" else "-"
             lines.append(
                 f"| {size} | {name} | {tokens} | {r['seconds']:.1f} | "
-                f"{r['tokens_per_s'] if name != 'fit' else 0:,.0f} | {ratio} | {r['peak_rss_mb']:.0f} | "
+                f"{r['tokens_per_s'] if name != 'fit' else 0:,.0f} | {ratio} | "
+                f"{cpu if cpu is not None else float('nan'):.1f} | {cpu_ratio} | {r['peak_rss_mb']:.0f} | "
                 f"{r['peak_anon_mb']:.0f} |"
             )
     return "\n".join(lines)

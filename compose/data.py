@@ -13,11 +13,12 @@ Each record is one of ``{"input_ids": [...]}`` (used as is, optional ``"labels"`
 ``{"text": ...}`` or ``{"prompt": ..., "completion": ...}`` (the prompt's tokens get
 label ``-100`` when ``mask_prompt``). Text needs a tokenizer.
 
-Everything runs through ``datasets``: records are tokenized by a batched ``map`` (fast
-tokenizers, ``num_proc`` worker processes) into Arrow columns, then packed by a second
-batched ``map``. Files are read with ``datasets``' own builders, so both maps are cached by
-fingerprint next to the Arrow files and a second run with the same data, tokenizer and
-settings reuses them. Token ids never live in Python lists beyond one batch of documents.
+Everything runs through ``datasets``: one batched ``map`` tokenizes each group of
+:data:`PACK_GROUP` records (one fast-tokenizer call) and packs it into Arrow blocks; with
+``num_proc`` the records are tokenized by a ``map`` in worker processes and packed by a
+second ``map`` in this one, which cuts the same groups. Files are read with ``datasets``'
+own builders, so the maps are cached by fingerprint next to the Arrow files and a second
+run with the same data, tokenizer and settings reuses them. Token ids never live in Python lists beyond one batch of documents.
 
 Packing (``packing=True``, the default) joins the documents of each group of
 :data:`PACK_GROUP` documents, each followed by EOS, and cuts the stream into ``seq_len``
@@ -218,7 +219,11 @@ class _Tokenize:
                 f"record {where[0]} holds text but no tokenizer is known: pass tokenizer= to Composer, save the "
                 "tokenizer beside the model, or give records with 'input_ids'"
             )
-        return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
+        # only the ids: no attention mask or token type ids to build and convert
+        out = self.tokenizer(
+            texts, add_special_tokens=special, return_attention_mask=False, return_token_type_ids=False
+        )
+        return out["input_ids"]
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> Any:
         texts = batch.get(self.text_field)
@@ -344,6 +349,16 @@ class _Pack:
             cols["position_ids"] = _list_array(offsets, positions)
         table = pa.table(cols)
         return table if self.arrow_out else table.to_pydict()
+
+
+class _TokenizePack:
+    """Batched map: one group of records -> its blocks (the same groups as tokenizing, then packing)."""
+
+    def __init__(self, tokenize: _Tokenize, pack: _Pack):
+        self.tokenize, self.pack = tokenize, pack
+
+    def __call__(self, batch: dict[str, list], indices: list[int]) -> Any:
+        return self.pack(self.tokenize(batch, indices))
 
 
 def _list_array(offsets: np.ndarray, values: np.ndarray):
@@ -478,23 +493,27 @@ def build_blocks(
     if len(records) == 0:
         raise ValueError("the dataset is empty: no records to train or evaluate on")
     num_proc = min(num_proc, len(records)) if num_proc else None
-    tokenized = records.map(
-        _Tokenize(tokenizer, text_field, mask_prompt),
-        batched=True,
-        with_indices=True,
-        remove_columns=records.column_names,
-        features=_features(False),
-        num_proc=num_proc,
-        desc="compose: tokenize",
-    )
-    packed = tokenized.with_format("arrow").map(
-        _Pack(seq_len, packing, reset_position_ids),
-        batched=True,
-        batch_size=PACK_GROUP,
-        remove_columns=tokenized.column_names,
-        features=_features(reset_position_ids, packed=True),
-        desc="compose: pack",  # one process: groups must not depend on num_proc (and packing is cheap)
-    )
+    tokenize, pack = _Tokenize(tokenizer, text_field, mask_prompt), _Pack(seq_len, packing, reset_position_ids)
+    packed_features = _features(reset_position_ids, packed=True)
+    common = dict(batched=True, batch_size=PACK_GROUP, remove_columns=records.column_names)
+    if num_proc:  # tokenize in workers; pack here, so that the groups do not depend on num_proc
+        tokenized = records.map(
+            tokenize,
+            with_indices=True,
+            features=_features(False),
+            num_proc=num_proc,
+            desc="compose: tokenize",
+            **common,
+        )
+        packed = tokenized.with_format("arrow").map(
+            pack, batched=True, batch_size=PACK_GROUP, remove_columns=tokenized.column_names,
+            features=packed_features, desc="compose: pack",
+        )  # fmt: skip
+    else:  # one map: each group's documents go straight into its blocks, no tokenized copy on disk
+        packed = records.map(
+            _TokenizePack(tokenize, pack), with_indices=True, features=packed_features,
+            desc="compose: tokenize + pack", **common,
+        )  # fmt: skip
     if len(packed) == 0:
         raise ValueError("the dataset is empty after tokenization (every record has zero tokens)")
     blocks = TokenBlocks(packed, seq_len, pad_token_id)

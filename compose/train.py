@@ -18,10 +18,12 @@ the ``r``-th slice of ``B`` rows. Streaming data: each process reads its own sha
 order; its exact position is stored in every checkpoint.
 
 Checkpoints (``output_dir/checkpoints/step-N``) are the same for every distributed type
-(one process, DDP, FSDP2): the full state of the *trainable* tensors, the optimizer state
+(one process, DDP, FSDP2, DeepSpeed ZeRO): the full state of the *trainable* tensors, the optimizer state
 keyed by parameter name (safetensors + JSON), the scheduler, the RNG, the data position,
 and last a ``manifest.json`` with the sha256 of every file. Nothing is unpickled on resume.
-FSDP2 state is gathered and re-sharded with ``torch.distributed.checkpoint.state_dict``.
+FSDP2 state is gathered and re-sharded with ``torch.distributed.checkpoint.state_dict``; ZeRO
+state with DeepSpeed's ``safe_get_full_*`` / ``safe_set_full_*`` (fp32 masters, optimizer state).
+Under DeepSpeed the engine does accumulation, clipping and the update.
 """
 
 from __future__ import annotations
@@ -526,6 +528,8 @@ class _Run:
     output_dir: Path | None
     sharded: bool
     desc: str = "fit"
+    zero: int = 0
+    """DeepSpeed ZeRO stage (0: not under DeepSpeed)."""
     step: int = 0
     skipped: int = 0
     tokens_seen: int = 0
@@ -632,6 +636,7 @@ def _make_accelerator(config: TrainConfig, output_dir: Path | None):
         project_dir=str(output_dir) if output_dir else None,
     )
     _fsdp_on_cpu(accelerator)
+    _deepspeed_on_cpu(accelerator)
     return accelerator
 
 
@@ -656,6 +661,70 @@ def _fsdp_on_cpu(accelerator) -> None:
         )
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
+
+
+def _deepspeed_on_cpu(accelerator) -> None:
+    """Honour a DeepSpeed launch (``ACCELERATE_USE_DEEPSPEED``) on a machine without GPUs.
+
+    As for FSDP, accelerate only enters DeepSpeed mode from its GPU modes and otherwise joins the
+    processes as MULTI_CPU over gloo. DeepSpeed's CPU accelerator runs ZeRO over that same gloo
+    group (it would use oneCCL only when installed), so the state is switched to DeepSpeed with a
+    plugin read from the same launch settings.
+    """
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    wants = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if not wants or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    try:
+        from deepspeed import comm as ds_comm
+    except ImportError as e:
+        raise ImportError(
+            f"this run was launched with DeepSpeed but deepspeed cannot be imported ({e}); "
+            "install it with `pip install 'compose-llm[deepspeed]'` or launch without --use_deepspeed"
+        ) from e
+    if not ds_comm.is_initialized():
+        ds_comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    plugin = DeepSpeedPlugin()
+    plugin.set_mixed_precision(accelerator.state.mixed_precision)
+    plugin.select(_from_accelerator_state=True)
+    accelerator.state.distributed_type = DistributedType.DEEPSPEED
+    accelerator.state.deepspeed_plugins = plugin
+
+
+def _deepspeed_config(accelerator, config: TrainConfig) -> int:
+    """Fill the DeepSpeed config from ``fit``'s options (compose's loop drives the engine); returns the ZeRO stage.
+
+    A DeepSpeed config *file* may leave these entries ``auto`` or repeat fit's values; a different value
+    is an error naming it. Without a file (launch flags, recipes/accelerate/zero*.yaml) fit's values are used.
+    """
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    world, accum = accelerator.num_processes, config.gradient_accumulation_steps
+    want = {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": config.batch_size * accum * world,
+        "gradient_clipping": float(config.max_grad_norm or 0.0),
+    }
+    from_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none") not in ("", "none")
+    if from_file:
+        bad = [f"{k}={ds[k]!r} (fit: {v!r})" for k, v in want.items() if ds.get(k, "auto") not in ("auto", v)]
+        if bad:
+            raise ValueError(
+                f"the DeepSpeed config file sets {', '.join(bad)}; compose takes these from fit's batch_size, "
+                'gradient_accumulation_steps and max_grad_norm: set them to "auto" in the file'
+            )
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ValueError(
+                f"the DeepSpeed config has a {key!r} section; compose builds its own AdamW and schedule from fit's "
+                "options (learning_rate, lr_scheduler, ...): remove that section"
+            )
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if stage not in (1, 2, 3):
+        raise ValueError(f"DeepSpeed ZeRO stage {stage}: compose supports stages 1, 2 and 3 (for no sharding use DDP)")
+    ds.update(want)
+    return stage
 
 
 def _make_data(model, train_data, eval_data, tokenizer, config: TrainConfig, rank: int, world: int):
@@ -735,18 +804,16 @@ def _setup(model, train_data, eval_data, config: TrainConfig, tokenizer, desc: s
     output_dir = Path(config.output_dir) if config.output_dir else None
     accelerator = _make_accelerator(config, output_dir)
     set_seed(config.seed)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise NotImplementedError(
-            "training under DeepSpeed is not supported: compose gathers and re-shards its checkpoints with "
-            "torch.distributed.checkpoint, which does not know DeepSpeed engines. Launch with FSDP2 instead "
-            "(recipes/accelerate/fsdp.yaml shards parameters, gradients and optimizer state like ZeRO-3)"
-        )
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    zero = _deepspeed_config(accelerator, config) if deepspeed else 0
     rank, world = accelerator.process_index, accelerator.num_processes
     batches, eval_blocks = _make_data(model, train_data, eval_data, tokenizer, config, rank, world)
     sharded = accelerator.distributed_type == DistributedType.FSDP
     low = _low_precision(model)
     upcast = _prepare_model(model, config, accelerator.device)
     groups = _param_groups(model, config.weight_decay)
+    if zero:  # ZeRO flattens each group into one buffer: an empty group has none
+        groups = [g for g in groups if g["params"]]
     fused = accelerator.device.type == "cuda" and all(p.dtype == torch.float32 for g in groups for p in g["params"])
     optimizer = torch.optim.AdamW(
         groups, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps, fused=fused or None
@@ -754,12 +821,15 @@ def _setup(model, train_data, eval_data, config: TrainConfig, tokenizer, desc: s
     skeleton = None
     if accelerator.distributed_type == DistributedType.FSDP:
         _fsdp_buffer_loading(accelerator, model)
+    if sharded or zero == 3:
         skeleton = _meta_skeleton(model)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
+    if zero:
+        accelerator.print(f"compose: training under DeepSpeed ZeRO-{zero} on {world} processes")
     scheduler = make_scheduler(optimizer, config)
     unwrapped = accelerator.unwrap_model(wrapped)
     chunked = None
-    if config.chunked_loss and not sharded and ChunkedLoss.supports(unwrapped):
+    if config.chunked_loss and not sharded and zero != 3 and ChunkedLoss.supports(unwrapped):
         chunked = ChunkedLoss(unwrapped, config.loss_chunk_tokens)
 
     def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -775,7 +845,7 @@ def _setup(model, train_data, eval_data, config: TrainConfig, tokenizer, desc: s
         autocast = lambda: torch.autocast(accelerator.device.type, dtype=low)  # noqa: E731
     return _Run(
         config, unwrapped, accelerator, wrapped, optimizer, scheduler, batches, eval_blocks, loss_fn, autocast,
-        output_dir, sharded, desc, trackers=_trackers(config), skeleton=skeleton, upcast=upcast,
+        output_dir, sharded, desc, zero, trackers=_trackers(config), skeleton=skeleton, upcast=upcast,
     )  # fmt: skip
 
 
@@ -865,10 +935,12 @@ def _load_checkpoint(run: _Run, path: Path, state: dict[str, Any]) -> None:
             f"checkpoint {path} holds trainable tensors {sorted(set(tensors) ^ names)[:5]} that do not match "
             "the model being trained: was it written by another strategy or model?"
         )
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(run.wrapped, tensors, options=options)
     optim = _untensor_state(load_file(str(path / "optimizer.safetensors")), read_json(path / "optimizer.json"))
-    set_optimizer_state_dict(run.wrapped, run.optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    if run.zero:
+        _deepspeed_load(run, tensors, optim)
+    else:
+        set_model_state_dict(run.wrapped, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(run.wrapped, run.optimizer, optim, options=StateDictOptions(full_state_dict=True))
     run.scheduler.load_state_dict(read_json(path / "scheduler.json"))
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
@@ -890,10 +962,11 @@ def _start_logging(run: _Run) -> None:
     run.t0 = time.perf_counter()
 
 
-def _train_step(run: _Run) -> dict[str, float]:
-    """One optimizer step: accumulate micro-batches, guard against non-finite values, update."""
+def _accumulate(run: _Run) -> tuple[float, float]:
+    """Forward and backward of one step's micro-batches, then clipping; returns (loss, gradient norm)."""
+    if run.zero:
+        return _accumulate_deepspeed(run)
     config, acc = run.config, run.accelerator
-    lr = run.scheduler.get_last_lr()[0]
     loss_sum = 0.0
     for micro in range(config.gradient_accumulation_steps):
         batch = run.batches.next(run.step * config.gradient_accumulation_steps + micro)
@@ -906,7 +979,34 @@ def _train_step(run: _Run) -> dict[str, float]:
         loss_sum += float(loss.detach())
         run.tokens_seen += int(batch["attention_mask"].sum()) * run.world
     grad_norm = acc.clip_grad_norm_(run.wrapped.parameters(), config.max_grad_norm or math.inf)
-    grad_norm = float(grad_norm) if grad_norm is not None else 0.0
+    return loss_sum, float(grad_norm) if grad_norm is not None else 0.0
+
+
+def _accumulate_deepspeed(run: _Run) -> tuple[float, float]:
+    """The same through the DeepSpeed engine: it scales each micro-batch by the accumulation steps,
+    reduces at the boundary, clips and updates in ``step`` (ZeRO itself drops the update when the
+    gradient norm is not finite, so a step refused below was not applied)."""
+    config, engine = run.config, run.wrapped
+    accum, loss_sum = config.gradient_accumulation_steps, 0.0
+    for micro in range(accum):
+        batch = run.batches.next(run.step * accum + micro)
+        batch = {k: v.to(run.accelerator.device) for k, v in batch.items()}
+        engine.set_gradient_accumulation_boundary(micro == accum - 1)
+        with run.autocast():
+            loss = run.loss_fn(batch)
+        engine.backward(loss)
+        loss_sum += float(loss.detach()) / accum
+        run.tokens_seen += int(batch["attention_mask"].sum()) * run.world
+    engine.step()
+    grad_norm = engine.get_global_grad_norm()
+    return loss_sum, float(grad_norm) if grad_norm is not None else 0.0
+
+
+def _train_step(run: _Run) -> dict[str, float]:
+    """One optimizer step: accumulate micro-batches, guard against non-finite values, update."""
+    config = run.config
+    lr = run.scheduler.get_last_lr()[0]
+    loss_sum, grad_norm = _accumulate(run)
     bad = _any_rank(run, not (math.isfinite(loss_sum) and math.isfinite(grad_norm)))
     entry: dict[str, float] = {"step": run.step + 1, "loss": loss_sum, "lr": lr}
     if config.max_grad_norm:
@@ -997,9 +1097,12 @@ def _gather_state(run: _Run) -> dict[str, Any]:
         get_optimizer_state_dict,
     )
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    model = get_model_state_dict(run.wrapped, options=options)
-    optimizer = get_optimizer_state_dict(run.wrapped, run.optimizer, options=options)
+    if run.zero:
+        model, optimizer = _deepspeed_gather(run)
+    else:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        model = get_model_state_dict(run.wrapped, options=options)
+        optimizer = get_optimizer_state_dict(run.wrapped, run.optimizer, options=options)
     data = [run.batches.state_dict()]
     if run.world > 1:
         from accelerate.utils import gather_object
@@ -1008,6 +1111,88 @@ def _gather_state(run: _Run) -> dict[str, Any]:
     names = {n for n, p in run.model.named_parameters(remove_duplicate=False) if p.requires_grad}
     model = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.items() if k in names}
     return {"model": model, "optimizer": optimizer, "data": {"ranks": _jsonable(data)}}
+
+
+def _zero_parts(run: _Run):
+    """ZeRO's optimizer, the torch optimizer it steps, and ``(group index, flat fp32 buffer, model
+    parameters in it)`` for each buffer: one per group in ZeRO-1/2, one per sub-group in ZeRO-3."""
+    zero = run.optimizer.optimizer
+    if hasattr(zero, "bit16_groups"):
+        flats = zip(range(len(zero.bit16_groups)), zero.single_partition_of_fp32_groups, zero.bit16_groups)
+    elif hasattr(zero, "fp32_partitioned_groups_flat"):
+        ids = [zero.sub_group_to_group_id[s] for s in range(len(zero.fp16_groups))]
+        flats = zip(ids, zero.fp32_partitioned_groups_flat, zero.fp16_groups)
+    else:
+        raise RuntimeError(
+            f"compose cannot read the partitions of {type(zero).__name__} (this DeepSpeed version or ZeRO mode "
+            "is not supported by compose's checkpoints)"
+        )
+    return zero, zero.optimizer, list(flats)
+
+
+def _zero_link_state(zero) -> None:
+    """ZeRO-1/2 link each parameter to its slice of the optimizer state once, right after the first
+    group's first update, so groups updated after it stay unlinked; link again now that all exist."""
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def _deepspeed_gather(run: _Run) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trainable tensors (fp32 masters) and their optimizer state, in full and keyed by parameter
+    name, assembled from ZeRO's partitions (a collective: every process calls it)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    zero, inner, flats = _zero_parts(run)
+    names: dict[int, list[str]] = {}
+    for n, p in run.model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    first = inner.state.get(flats[0][1], {})  # empty until a first update
+    keys = [k for k, v in first.items() if torch.is_tensor(v) and v.shape == flats[0][1].shape]
+    scalars = {k: v for k, v in first.items() if k not in keys}
+    if keys:
+        _zero_link_state(zero)
+    model, state = {}, {}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": []} for g in inner.param_groups]
+    for index, _, params in flats:
+        for p in params:
+            shape = getattr(p, "ds_shape", p.shape)
+            value = safe_get_full_fp32_param(p).detach().reshape(shape).to("cpu").clone()
+            entry = {k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()}
+            for k in keys:
+                entry[k] = safe_get_full_optimizer_state(p, k).detach().reshape(shape).to("cpu").clone()
+            for n in names[id(p)]:
+                model[n], state[n] = value, entry
+                groups[index]["params"].append(n)
+    return model, {"state": state, "param_groups": groups}
+
+
+def _deepspeed_load(run: _Run, tensors: dict[str, torch.Tensor], optim: dict[str, Any]) -> None:
+    """Put checkpointed trainable tensors and optimizer state back into ZeRO's partitions."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    zero, inner, flats = _zero_parts(run)
+    device = run.accelerator.device
+    params = [(n, p) for n, p in run.model.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0, enabled=run.zero == 3):
+        with torch.no_grad():
+            for n, p in params:
+                p.copy_(tensors[n].to(p.dtype))
+    for n, p in params:
+        safe_set_full_fp32_param(p, tensors[n].to(device))
+    if optim["state"]:
+        sample = next(iter(optim["state"].values()))
+        keys = [k for k, v in sample.items() if torch.is_tensor(v) and v.ndim > 0]
+        for _, flat, _ in flats:  # AdamW creates its state lazily: lay it out first, then fill it
+            inner.state[flat] = {k: v.clone() if torch.is_tensor(v) else v for k, v in sample.items()}
+            inner.state[flat].update({k: torch.zeros_like(flat) for k in keys})
+        _zero_link_state(zero)
+        for n, p in params:
+            for k in keys:
+                safe_set_full_optimizer_state(p, optim["state"][n][k].to(device), k)
+    for group, saved in zip(inner.param_groups, optim["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k != "params"})
 
 
 def _save_checkpoint(run: _Run) -> None:
@@ -1095,6 +1280,29 @@ def _close(run: _Run) -> None:
         run.accelerator.end_training()
 
 
+def _fsdp_full_state(run: _Run) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(run.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _deepspeed_full_state(run: _Run) -> dict[str, torch.Tensor]:
+    """Every ZeRO-3 parameter in full on the main process, one at a time (trainable ones from the fp32 masters)."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = {}
+    for name, p in run.model.named_parameters():
+        if p.requires_grad:
+            value = safe_get_full_fp32_param(p)
+        else:
+            with deepspeed.zero.GatheredParameters([p]):
+                value = p.data.clone()
+        if run.main:
+            full[name] = value.detach().reshape(p.ds_shape).to("cpu").clone()
+    return full
+
+
 def _finish(run: _Run, save_model: Callable[[nn.Module, Path], Any] | None) -> None:
     """Unwrap, gather the full weights when sharded, refuse non-finite ones, save ``final``."""
     config, model = run.config, run.model
@@ -1103,16 +1311,15 @@ def _finish(run: _Run, save_model: Callable[[nn.Module, Path], Any] | None) -> N
         if hasattr(model.config, "use_cache"):
             model.config.use_cache = True
     model.eval()
-    if not run.sharded:
+    gathered = run.sharded or run.zero == 3
+    if not gathered:
         _restore_dtypes(model, run.upcast)
     if run.output_dir is None or not config.save_final:
         return
     run.accelerator.wait_for_everyone()
-    if run.sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
+    if gathered:
         # collective: the main process gets the full weights, frozen ones included
-        full = get_model_state_dict(run.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = _deepspeed_full_state(run) if run.zero else _fsdp_full_state(run)
         if run.main and run.skeleton is not None:
             model = run.model = _fill_skeleton(run.skeleton, full)
             _restore_dtypes(model, run.upcast)

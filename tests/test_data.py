@@ -133,6 +133,20 @@ def test_worker_processes_give_the_same_blocks(tok):
     assert torch.equal(one.input_ids, two.input_ids) and torch.equal(one.labels, two.labels)
 
 
+def test_one_map_and_worker_maps_cut_the_same_groups(tok):
+    """Without num_proc tokenize + pack run as one map, with it as two; the blocks are the same,
+    across several packing groups and a last, partial group."""
+    from compose.data import PACK_GROUP
+
+    docs = [f"d{i} " + "xy" * (i % 5) for i in range(2 * PACK_GROUP + 37)]
+    one = build_blocks(docs, tok, seq_len=16, reset_position_ids=True)
+    two = build_blocks(docs, tok, seq_len=16, reset_position_ids=True, num_proc=2)
+    assert len(one) == len(two) and one.num_tokens == two.num_tokens
+    assert one.num_targets() == two.num_targets()
+    for key in ("input_ids", "labels", "attention_mask", "position_ids"):
+        assert torch.equal(one.batch(range(len(one)))[key], two.batch(range(len(two)))[key]), key
+
+
 def test_non_utf8_file_is_named(tmp_path, tok):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 au lait\n\nsecond".encode("latin-1"))
