@@ -1,15 +1,27 @@
 """Cross-tokenizer CALM: CPU cost of the character alignment, and a small task it must learn.
 
     python bench/calm_xtok.py --out bench/results/calm_xtok_cpu.json          # cost, a few minutes
-    python bench/calm_xtok.py learn --out bench/results/calm_xtok_learn.json  # the task, ~10 minutes
+    python bench/calm_xtok.py learn --seed 0 --out bench/results/calm_xtok_learn_seed0.json  # the task, ~2 minutes
 
 **learn**: key-value lookup. m_A memorises ``key:value`` for 128 three-letter keys (value one
-digit); the anchor has learned the ``key:digit`` format on random digits only (it guesses at
-chance). The composition (connections into the anchor, trained on the lines of half the keys,
-loss on the value digit only) is scored on the other half: it must read the value out of m_A
-for keys it never saw in composition training. Twice: m_A reading the anchor's byte-level BPE
-(same tokenizer, position-aligned), and m_A reading characters (cross-tokenizer, aligned by
-characters). The ratio of held-out accuracies is what the two ways of composing compare.
+digit; AdamW with weight decay ``--aug-weight-decay``, 0.1 by default); the anchor has learned
+the ``key:digit`` format on random digits only (it guesses at chance). The composition
+(connections into the anchor, trained on the lines of half the keys, loss on the value digit
+only) is scored on the other half: it must read the value out of m_A for keys it never saw in
+composition training. Twice, with the same steps, options, data and base-model seeds: m_A
+reading the anchor's byte-level BPE (same tokenizer, position-aligned), and m_A reading
+characters (cross-tokenizer, aligned by characters). The ratio of held-out accuracies is what
+the two ways of composing compare.
+
+Beside the accuracies, each run records what explains them:
+
+* ``*_m_A_probe``: how readable the value is in m_A's states, per block output (what a
+  connection reads) at the answer position (the ``:`` token) and at the last key token: a
+  ridge-regression probe fitted on the composition's training keys, scored on the held-out keys;
+* ``*_attention``: per connection, where the anchor's query at the answer position attends
+  (mean over held-out keys and heads): the null slot, the last visible augmenting token, the
+  ones before it;
+* ``*_curve``: training-key and held-out accuracy every ``--eval-every`` composition steps.
 
 **cost** (default):
 
@@ -125,15 +137,30 @@ def _encode_lines(tok, lines: list[str]) -> tuple[torch.Tensor, torch.Tensor, to
     return ids, mask, mask.sum(1) - 1
 
 
-def _train_lm(model, tok, make_lines, steps: int, lr: float, batch: int, seed: int, value_only: bool = False):
-    """Next-token training on lines from ``make_lines(rng, batch)`` (all trainable parameters)."""
+def _train_lm(
+    model,
+    tok,
+    make_lines,
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int,
+    value_only: bool = False,
+    weight_decay: float = 0.0,
+    every: int = 0,
+    callback=None,
+):
+    """Next-token training on lines from ``make_lines(rng, batch)`` (all trainable parameters).
+
+    ``callback(step)`` runs every ``every`` steps (in eval mode; it must not draw random numbers).
+    """
     import random
 
     rng = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         ids, mask, last = _encode_lines(tok, make_lines(rng, batch))
         labels = ids.masked_fill(mask == 0, -100)
         if value_only:
@@ -144,6 +171,10 @@ def _train_lm(model, tok, make_lines, steps: int, lr: float, batch: int, seed: i
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if callback is not None and every and step % every == 0:
+            model.eval()
+            callback(step)
+            model.train()
     model.eval()
 
 
@@ -153,6 +184,94 @@ def _accuracy(model, tok, table: dict[str, str], keys: list[str]) -> float:
     logits = model(input_ids=ids, attention_mask=mask).logits
     rows = torch.arange(len(ids))
     return float((logits[rows, last - 1].argmax(-1) == ids[rows, last]).float().mean())
+
+
+@torch.no_grad()
+def _block_outputs(model, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each block's output (what a CALM connection reads), ``[batch, seq, hidden]`` per block."""
+    from compose import arch
+
+    seen: list[torch.Tensor] = []
+    hooks = [
+        block.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        for block in arch.get_blocks(model)
+    ]
+    try:
+        model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
+def _probe(aug, tok, table: dict[str, str], train_keys: list[str], eval_keys: list[str]) -> dict[str, dict]:
+    """Held-out accuracy of a ridge probe of the value digit on m_A's block outputs.
+
+    At the answer position (the token before the digit: ``:``) and at the last key token;
+    fitted on the composition's training keys, scored on its held-out keys.
+    """
+    keys = train_keys + eval_keys
+    ids, mask, last = _encode_lines(tok, [f"{k}:{table[k]}" for k in keys])
+    values = torch.tensor([int(table[k]) for k in keys])
+    target = torch.nn.functional.one_hot(values, 10).float()
+    n, rows = len(train_keys), torch.arange(len(keys))
+    out = {}
+    for layer, h in enumerate(_block_outputs(aug, ids, mask)):
+        scores = {}
+        for where, back in (("answer", 1), ("last_key_token", 2)):
+            x = torch.cat([h[rows, last - back].float(), torch.ones(len(keys), 1)], 1)
+            a = x[:n]
+            w = torch.linalg.solve(a.T @ a + 1e-2 * torch.eye(a.shape[1]), a.T @ target[:n])
+            scores[where] = float(((x[n:] @ w).argmax(1) == values[n:]).float().mean())
+        out[f"block {layer}"] = scores
+    return out
+
+
+@torch.no_grad()
+def _attention(model, tok, table: dict[str, str], keys: list[str]) -> list[dict[str, float]]:
+    """Per connection: where the query at the answer position attends, mean over rows and heads.
+
+    ``null``: the null slot; ``last_visible``: the last augmenting token that query may read;
+    ``earlier``: the visible ones before it. Recomputed from each connection's inputs.
+    """
+    ids, mask, last = _encode_lines(tok, [f"{k}:{table[k]}" for k in keys])
+    rows = torch.arange(len(ids))
+    found: list[dict[str, float]] = []
+
+    def hook(conn, args, _out):
+        hidden, k, _v, visible = args
+        x = hidden.to(conn.q.weight.dtype)
+        if conn.q_norm is not None:
+            x = conn.q_norm(x)
+        q = conn._heads(conn.q(x))[rows, :, last - 1]  # [B, heads, head_dim]
+        k = k[rows]  # [B, heads, S, head_dim]
+        seen = visible[rows, last - 1]  # [B, S]
+        scores = torch.einsum("bhd,bhsd->bhs", q, k) / conn.head_dim**0.5
+        scores = scores.masked_fill(~seen[:, None], float("-inf"))
+        if conn.null_k is not None:
+            null = torch.einsum("bhd,hd->bh", q, conn.null_k[:, 0])[..., None] / conn.head_dim**0.5
+            scores = torch.cat([null, scores], -1)
+        p = scores.softmax(-1).mean(1)  # [B, (1 +) S]
+        null = p[:, 0] if conn.null_k is not None else torch.zeros(len(rows))
+        p = p[:, 1:] if conn.null_k is not None else p
+        lv = seen.long().cumsum(-1).argmax(-1)  # index of the last visible augmenting token
+        last_visible = p[rows, lv]
+        found.append(
+            {
+                "null": float(null.mean()),
+                "last_visible": float(last_visible.mean()),
+                "earlier": float((p.sum(-1) - last_visible).mean()),
+            }
+        )
+
+    hooks = [conn.register_forward_hook(hook) for conn in model.connections]
+    try:
+        model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
 
 
 def learn(args) -> dict:
@@ -190,23 +309,45 @@ def learn(args) -> dict:
         "seed": args.seed,
         "last_only": args.last_only,
         "aug_tokenizer": args.aug_tokenizer,
+        "aug_weight_decay": args.aug_weight_decay,
+        "calm_steps": args.calm_steps,
         "anchor_heldout_acc": _accuracy(anchor, bpe, table, eval_keys),
     }
     for name, tok in (("same_tokenizer", bpe), ("cross_tokenizer", other)):
         aug = tiny_model("llama", seed=args.seed + 1, hidden=96, layers=2, heads=4, vocab=len(tok))
-        _train_lm(aug, tok, memorise, args.aug_steps, 3e-3, 64, args.seed + 1)
+        _train_lm(aug, tok, memorise, args.aug_steps, 3e-3, 64, args.seed + 1, weight_decay=args.aug_weight_decay)
         out[f"{name}_m_A_acc"] = _accuracy(aug, tok, table, keys)
+        out[f"{name}_m_A_probe"] = _probe(aug, tok, table, train_keys, eval_keys)
         where = {"connections": [(-1, -1)]} if args.last_only else {"every": 1}
         c = Composer(
             anchor, aug, strategy="calm", tokenizer=bpe, augment_tokenizer=tok, null_kv=True, norm=True, **where
         )
         assert c.model.is_cross_tokenizer == (name == "cross_tokenizer")
-        t = time.perf_counter()
-        _train_lm(c.model, bpe, composition_lines, args.calm_steps, 3e-3, 64, args.seed + 2, value_only=True)
+        curve = []
+
+        def record(step, model=c.model, curve=curve):
+            curve.append([step, _accuracy(model, bpe, table, train_keys), _accuracy(model, bpe, table, eval_keys)])
+
+        t, cpu = time.perf_counter(), time.process_time()
+        _train_lm(
+            c.model,
+            bpe,
+            composition_lines,
+            args.calm_steps,
+            3e-3,
+            64,
+            args.seed + 2,
+            value_only=True,
+            every=args.eval_every,
+            callback=record,
+        )
         out[f"{name}_calm_s"] = time.perf_counter() - t
+        out[f"{name}_calm_cpu_s"] = time.process_time() - cpu
         out[f"{name}_train_acc"] = _accuracy(c.model, bpe, table, train_keys)
         out[f"{name}_heldout_acc"] = _accuracy(c.model, bpe, table, eval_keys)
-        print(name, {k: v for k, v in out.items() if k.startswith(name)}, flush=True)
+        out[f"{name}_curve"] = curve
+        out[f"{name}_attention"] = _attention(c.model, bpe, table, eval_keys)
+        print(name, {k: v for k, v in out.items() if k.startswith(name) and not k.endswith("curve")}, flush=True)
     out["ratio"] = out["cross_tokenizer_heldout_acc"] / max(out["same_tokenizer_heldout_acc"], 1e-9)
     return out
 
@@ -218,6 +359,13 @@ def main() -> None:
     ap.add_argument("--anchor-steps", type=int, default=300)
     ap.add_argument("--aug-steps", type=int, default=1500)
     ap.add_argument("--calm-steps", type=int, default=400)
+    ap.add_argument(
+        "--aug-weight-decay",
+        type=float,
+        default=0.1,
+        help="AdamW weight decay of m_A's memorisation training (0 leaves the value hard to read: docs/calm.md)",
+    )
+    ap.add_argument("--eval-every", type=int, default=50, help="learn: accuracy curve every N composition steps")
     ap.add_argument(
         "--aug-tokenizer", choices=["chars", "bpe"], default="chars", help="m_A's tokenizer in the cross run"
     )
