@@ -50,7 +50,8 @@ VARIANTS: dict[str, dict] = {
 #: KVConfig fields that m_A and m_B depend on (the cache key of ``--cache``).
 BASE_FIELDS = (
     "num_keys", "num_values", "aug_hidden", "aug_layers", "aug_family", "anchor_hidden", "anchor_layers",
-    "heads", "aug_steps", "aug_lr", "anchor_steps", "anchor_lr", "operand_mix", "key_mix", "batch_size", "seed",
+    "heads", "aug_steps", "aug_lr", "anchor_steps", "anchor_lr", "operand_mix", "key_mix", "unknown_keys", "batch_size",
+    "seed",
 )  # fmt: skip
 
 

@@ -18,6 +18,10 @@ def test_kv_records_are_correct():
     task = KVArithmetic(num_keys=50, num_values=10, seed=3)
     assert len(task.train_keys) == 10 and len(task.heldout_keys) == 40
     assert not set(task.train_keys) & set(task.heldout_keys)
+    for seed in range(6):  # every value has a training key: held-out keys hold no value never trained on
+        t = KVArithmetic(num_keys=512, num_values=32, seed=seed)
+        assert len(t.train_keys) == 102 and sorted(t.train_keys + t.heldout_keys) == list(range(512))
+        assert {t.values[k] for k in t.train_keys} == set(t.values)
     for rec in task.records("kv_arith", 200, keys="heldout", seed=1):
         (a, op, b), ans = _ids_tail(task, rec)
         ka, kb = a - task.first_key_id, b - task.first_key_id
@@ -54,6 +58,31 @@ def test_memory_rows_and_blind_anchor():
     assert torch.equal(emb[task.key(0)], emb[task.key(29)])
     recs = task.records("kv_arith", 40, keys="heldout")
     assert 0.0 <= answer_accuracy(model, recs) <= 1.0
+
+
+def test_unknown_key_rows_have_uniform_answers():
+    """A key operand stands for a random value: for ``KEY + b`` every answer b ... b + V - 1 occurs,
+    and nothing but key 0's token (the shared key embedding) appears."""
+    task = KVArithmetic(num_keys=30, num_values=6, seed=1)
+    recs = task.unknown_records(3000, seed=2)
+    assert recs == task.unknown_records(3000, seed=2) and recs != task.unknown_records(3000, seed=3)
+    answers: dict[int, set[int]] = {}
+    shapes = set()
+    for rec in recs:
+        lhs, ans = _ids_tail(task, rec)
+        assert rec["labels"][-2:] == rec["input_ids"][-2:] and set(rec["labels"][:-2]) == {-100}
+        keys = [t for t in lhs if t >= task.first_key_id]
+        assert keys and set(keys) == {task.key(0)}
+        shapes.add(tuple(t >= task.first_key_id for t in lhs))
+        value = ans - task.number(0)
+        if len(lhs) == 1:
+            assert 0 <= value < 6
+        elif lhs[1] == 3 and lhs[2] < task.first_key_id:  # KEY + b: b ... b + 5, each seen
+            answers.setdefault(lhs[2], set()).add(value)
+    assert shapes == {(True,), (True, False, False), (False, False, True), (True, False, True)}
+    for b_token, seen in answers.items():
+        b = b_token - task.number(0)
+        assert seen == set(range(b, b + 6))
 
 
 def test_corpora_are_deterministic_and_disjoint():

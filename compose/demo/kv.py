@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +39,10 @@ class KVConfig:
     """m_B also trains on operands blended towards the shared key embedding (probability,
     largest weight; ``KVArithmetic.mix_operands(key_p=, key_max_weight=)``), so that the path from
     a key to its value's embedding is navigable from its start."""
+    unknown_keys: float = 0.0
+    """Rows of m_B's training with a key as an operand and a random value behind it
+    (``KVArithmetic.unknown_records``), as a fraction of its numeric rows: m_B then answers a key
+    with the uniform distribution over what it could be, instead of a confident wrong number."""
     calm_steps: int = 2000
     calm_lr: float = 3e-3
     batch_size: int = 128
@@ -122,13 +127,19 @@ def train_anchor(cfg: KVConfig, task) -> Any:
         kp, kw = cfg.key_mix or (0.0, 0.0)
         handle = task.mix_operands(c.model, p, w, key_p=kp, key_max_weight=kw)
     try:
+        rows = task.records("numeric", 20_000, seed=1)
+        if cfg.unknown_keys:
+            rows += task.unknown_records(int(cfg.unknown_keys * len(rows)), seed=1)
+            random.Random(cfg.seed).shuffle(rows)
         c.fit(
-            task.records("numeric", 20_000, seed=1),
+            rows,
             **_fit_options(cfg.anchor_steps, cfg.anchor_lr, cfg.batch_size, 7, cfg.seed, packing=False),
         )
     finally:
         if handle is not None:
             handle.remove()
+    if cfg.unknown_keys:  # only key 0's row trained: every key reads it again
+        task.blind_to_keys_(c.model)
     return c.model.requires_grad_(False)
 
 
