@@ -42,8 +42,8 @@ VARIANTS: dict[str, dict] = {
     # What `python -m compose.demo` runs.
     "demo": {},
     # The paper's connection: cross-attention from every m_A layer into interior m_B layers
-    # (the `every` plan), with CALM's default options (no window, no null slot, no norm).
-    "paper": {"connections": None, "calm_options": {"every": 1}},
+    # (the `every` plan), with the paper's options (no window, no null slot, no norm).
+    "paper": {"connections": None, "calm_options": {"every": 1, "norm": False}},
 }
 
 
