@@ -193,7 +193,8 @@ class KVArithmetic:
         answer is computed from a random value in its place, so in expectation the anchor learns
         the *uniform* distribution over the answers a key could give: a key means "some number",
         which is what a pretrained LM makes of an unknown variable. Without it the anchor is
-        confidently wrong at a key, and the gradient there points away from every number.
+        confidently wrong at a key, and the gradient there is nearly orthogonal to the way to the
+        right number (docs/results.md, section 2).
         """
         rng = random.Random(f"{self.seed}/unknown/{seed}")
         V, key = self.num_values, self.key(0)
