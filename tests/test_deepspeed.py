@@ -10,22 +10,19 @@ installed (it is an optional extra: ``pip install 'compose-llm[deepspeed]'``).
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from _launch import ROOT, final_weights, kill_after_checkpoint, run
 from safetensors.torch import load_file
 
 from compose import Composer
 from compose.testing import tiny_model
 from compose.train import TrainConfig, latest_checkpoint, verify_checkpoint
 
-ROOT = Path(__file__).parents[1]
 SCRIPT = Path(__file__).parent / "scripts" / "fit_dist.py"
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (optional extra)")
@@ -43,38 +40,6 @@ def launch(stage: int) -> list[str]:
     ]
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def run(cmd: list[str]) -> str:
-    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a launcher and every process under it (torchrun starts its workers in their own sessions)."""
-    import signal
-
-    import psutil
-
-    parent = psutil.Process(pid)
-    procs = parent.children(recursive=True) + [parent]
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
-def weights(out: Path) -> dict[str, torch.Tensor]:
-    files = sorted((out / "final").glob("*.safetensors"))
-    assert files, sorted(p.name for p in (out / "final").iterdir())
-    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
-
-
 def composer(strategy: str) -> Composer:
     """The model fit_dist.py trains, as built before training."""
     if strategy == "calm":
@@ -89,7 +54,7 @@ def single(tmp_path_factory):
     for strategy in ("block_expand", "calm"):
         d = tmp_path_factory.mktemp(f"one-{strategy}")
         run([sys.executable, str(SCRIPT), "--out", str(d), "--strategy", strategy, "--steps", "4", "--batch-size", "2"])
-        out[strategy] = weights(d)
+        out[strategy] = final_weights(d)
     return out
 
 
@@ -100,19 +65,7 @@ def single(tmp_path_factory):
 def test_zero_kill_resume_equals_uninterrupted_and_single_process(tmp_path, strategy, stage, single):
     args = ["--strategy", strategy, "--steps", "4", "--save-every", "1", "--batch-size", "1"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        launch(stage) + [str(SCRIPT), "--out", str(killed), "--sleep", "1.0"] + args,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not (killed / "checkpoints" / "step-0000002").exists():
-        assert proc.poll() is None, "the DeepSpeed run ended before it could be killed"
-        time.sleep(0.05)
-    kill_tree(proc.pid)
-    out = proc.communicate()[0].decode()
+    out = kill_after_checkpoint(launch(stage) + [str(SCRIPT), "--out", str(killed), "--sleep", "1.0"] + args, killed)
     assert f"compose: training under DeepSpeed ZeRO-{stage} on 2 processes" in out
     assert not (killed / "final").exists()
     checkpoint = latest_checkpoint(killed)
@@ -126,7 +79,7 @@ def test_zero_kill_resume_equals_uninterrupted_and_single_process(tmp_path, stra
     assert "compose: resumed from" in resumed_log
     run(launch(stage) + [str(SCRIPT), "--out", str(tmp_path / "whole")] + args)
 
-    resumed, whole, one = weights(killed), weights(tmp_path / "whole"), single[strategy]
+    resumed, whole, one = final_weights(killed), final_weights(tmp_path / "whole"), single[strategy]
     assert resumed.keys() == whole.keys() == one.keys()
     for k in resumed:
         assert torch.equal(resumed[k], whole[k]), k  # kill + resume = uninterrupted, bit for bit
@@ -245,7 +198,7 @@ def test_zero_bf16_on_two_gpus_resumes_and_saves(tmp_path, stage):
         shutil.rmtree(part / name)
     (part / "complete.json").unlink()
     run(gpu + [str(SCRIPT), "--out", str(part), "--resume"] + args)
-    whole, resumed = weights(tmp_path / "whole"), weights(part)
+    whole, resumed = final_weights(tmp_path / "whole"), final_weights(part)
     for k in whole:  # GPU kernels are not bit-deterministic; bf16 compute
         torch.testing.assert_close(resumed[k].float(), whole[k].float(), rtol=2e-2, atol=2e-2, msg=k)
     from transformers import AutoModelForCausalLM

@@ -9,23 +9,18 @@ resume, and the final model gathered on the main process.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from _launch import final_weights, kill_after_checkpoint, run
 
 from compose import Composer
 from compose.testing import tiny_model
 from compose.train import latest_checkpoint, verify_checkpoint
 
 SCRIPT = Path(__file__).parent / "scripts" / "fit_dist.py"
-ROOT = Path(__file__).parents[1]
 FSDP = [
     sys.executable,
     "-m",
@@ -46,52 +41,13 @@ FSDP = [
     "--dynamo_backend",
     "no",
 ]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def run(cmd: list[str]) -> str:
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL a launcher and every process under it (torchrun starts its workers in their own sessions)."""
-    import psutil
-
-    parent = psutil.Process(pid)
-    procs = parent.children(recursive=True) + [parent]
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
-def weights(out: Path, strategy: str) -> dict[str, torch.Tensor]:
-    files = sorted((out / "final").glob("*.safetensors"))
-    assert files, sorted(p.name for p in (out / "final").iterdir())
-    return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
 
 
 @pytest.mark.parametrize("strategy", ["block_expand", "calm"])
 def test_fsdp2_kill_resume_equals_uninterrupted_and_single_process(tmp_path, strategy):
     args = ["--strategy", strategy, "--steps", "4", "--save-every", "1", "--batch-size", "1"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        FSDP + [str(SCRIPT), "--out", str(killed), "--sleep", "1.0", "--report"] + args,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not (killed / "checkpoints" / "step-0000002").exists():
-        assert proc.poll() is None, "the FSDP run ended before it could be killed"
-        time.sleep(0.05)
-    kill_tree(proc.pid)
-    out = proc.communicate()[0].decode()
+    out = kill_after_checkpoint(FSDP + [str(SCRIPT), "--out", str(killed), "--sleep", "1.0", "--report"] + args, killed)
     assert "FSDP" not in out  # killed before the end-of-run report
     assert not (killed / "final").exists()
     step = int(latest_checkpoint(killed).name.split("-")[1])
@@ -104,7 +60,7 @@ def test_fsdp2_kill_resume_equals_uninterrupted_and_single_process(tmp_path, str
     one_args = [a if a != "1" or i != args.index("--batch-size") + 1 else "2" for i, a in enumerate(args)]
     run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "one")] + one_args)
 
-    resumed, whole, one = (weights(tmp_path / d, strategy) for d in ("killed", "whole", "one"))
+    resumed, whole, one = (final_weights(tmp_path / d) for d in ("killed", "whole", "one"))
     assert resumed.keys() == whole.keys() == one.keys()
     for k in resumed:
         assert torch.equal(resumed[k], whole[k]), k  # kill + resume = uninterrupted, bit for bit
@@ -129,22 +85,11 @@ def test_ddp_streaming_two_shards_kill_resume_equals_uninterrupted(tmp_path):
     ddp += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     args = ["--streaming", "--shards", "2", "--steps", "4", "--save-every", "1", "--batch-size", "1"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        ddp + [str(SCRIPT), "--out", str(killed), "--sleep", "1.0"] + args,
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not (killed / "checkpoints" / "step-0000002").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    kill_tree(proc.pid)
-    proc.wait()
+    kill_after_checkpoint(ddp + [str(SCRIPT), "--out", str(killed), "--sleep", "1.0"] + args, killed)
     assert not (killed / "final").exists()
     state = json.loads((latest_checkpoint(killed) / "data.json").read_text())
     assert len(state["ranks"]) == 2  # one position per process (each relative to its own shard)
     run(ddp + [str(SCRIPT), "--out", str(killed), "--resume"] + args)
     run(ddp + [str(SCRIPT), "--out", str(tmp_path / "whole")] + args)
-    a, b = weights(killed, "block_expand"), weights(tmp_path / "whole", "block_expand")
+    a, b = final_weights(killed), final_weights(tmp_path / "whole")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
