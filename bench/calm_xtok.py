@@ -187,20 +187,28 @@ def _accuracy(model, tok, table: dict[str, str], keys: list[str]) -> float:
 
 
 @torch.no_grad()
+def _forward_with_hooks(model, ids: torch.Tensor, mask: torch.Tensor, modules, hook) -> None:
+    """One forward pass of ``model`` with ``hook`` as a forward hook on each of ``modules``."""
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _block_outputs(model, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
     """Each block's output (what a CALM connection reads), ``[batch, seq, hidden]`` per block."""
     from compose import arch
 
     seen: list[torch.Tensor] = []
-    hooks = [
-        block.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
-        for block in arch.get_blocks(model)
-    ]
-    try:
-        model(input_ids=ids, attention_mask=mask)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with_hooks(
+        model,
+        ids,
+        mask,
+        arch.get_blocks(model),
+        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out),
+    )
     return seen
 
 
@@ -265,12 +273,7 @@ def _attention(model, tok, table: dict[str, str], keys: list[str]) -> list[dict[
             }
         )
 
-    hooks = [conn.register_forward_hook(hook) for conn in model.connections]
-    try:
-        model(input_ids=ids, attention_mask=mask)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with_hooks(model, ids, mask, model.connections, hook)
     return found
 
 
