@@ -74,6 +74,9 @@ FAMILIES: dict[str, Family] = {
         # Gemma-2 normalises the attention / MLP output before the residual add; RMSNorm(0) = 0,
         # so zeroing the projection is still enough.
         Family("gemma2", "model.layers", _LLAMA_LIKE),
+        # Gemma-3 (text): the same, plus q/k norms inside attention and sliding/full `layer_types`
+        # that grow with the blocks (per_layer_config_keys).
+        Family("gemma3_text", "model.layers", _LLAMA_LIKE),
         Family("phi3", "model.layers", _LLAMA_LIKE),
         Family("gpt2", "transformer.h", ("attn.c_proj", "mlp.c_proj")),
         Family("gpt_neox", "gpt_neox.layers", ("attention.dense", "mlp.dense_4h_to_h")),

@@ -7,6 +7,7 @@
     compose generate runs/tiny/block_expand/sft/final --prompt "def f(x):"
     compose check recipes/**/*.yaml
     compose export runs/lora/final merged/
+    compose import-gguf SmolLM2-135M-Instruct.Q4_1.gguf smollm2/
 
 Works the same under ``accelerate launch -m compose.cli train RECIPE ...``: every process
 runs the recipe (training is distributed by accelerate); only the main process writes
@@ -132,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_check(sub)
     _add_export(sub)
+    _add_import_gguf(sub)
     return parser
 
 
@@ -201,6 +203,20 @@ def _add_export(sub) -> None:
     )
 
 
+def _add_import_gguf(sub) -> None:
+    p = sub.add_parser(
+        "import-gguf",
+        help="dequantize a GGUF file into a plain transformers folder",
+        description="Reads a GGUF file (llama.cpp's format) with transformers, dequantizes it and writes "
+        "config.json, safetensors weights and the tokenizer to OUT. A .gguf path also works directly as a "
+        "model anywhere (converted once into ~/.cache/compose/gguf, or $COMPOSE_CACHE/gguf). Needs 'pip install gguf'.",
+    )
+    p.add_argument("file", help="the .gguf file")
+    p.add_argument("out", help="the new folder (new, empty, or an earlier import)")
+    p.add_argument("--dtype", default="float32", help="dtype of the written weights (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="write into OUT even if compose did not create it")
+
+
 def _named(items: list[str], prefix: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for i, item in enumerate(items):
@@ -253,7 +269,11 @@ def _cmd_eval(args) -> int:
             max_batches=args.max_batches,
         )
         for name, rep in results["perplexity"].items():
-            _print(f"{name}: perplexity {rep['perplexity']:.4f}  loss {rep['loss']:.4f}  ({rep['tokens']} tokens)")
+            bpb = f"  bits/byte {rep['bits_per_byte']:.4f}" if "bits_per_byte" in rep else ""
+            _print(
+                f"{name}: perplexity {rep['perplexity']:.4f}{bpb}  loss {rep['loss']:.4f}  "
+                f"({rep['tokens']} tokens, {rep['documents']} documents)"
+            )
     if args.exact_match:
         results["exact_match"] = {}
         for name, src in _named(args.exact_match, "task").items():
@@ -344,12 +364,21 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_import_gguf(args) -> int:
+    from .gguf import import_gguf
+
+    out = import_gguf(args.file, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    _print(f"compose: wrote {out} (load it with Composer({str(out)!r}, ...) or AutoModelForCausalLM)")
+    return 0
+
+
 _COMMANDS = {
     "train": _cmd_train,
     "eval": _cmd_eval,
     "generate": _cmd_generate,
     "check": _cmd_check,
     "export": _cmd_export,
+    "import-gguf": _cmd_import_gguf,
 }
 
 

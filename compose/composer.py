@@ -15,6 +15,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import __version__, arch
+from .gguf import gguf_folder, is_gguf
 from .io import (
     LOCK_NAME,
     RUN_MARKER,
@@ -78,9 +79,14 @@ def load_model(
         raise TypeError(f"a model is a hub id, a local directory or a PreTrainedModel, got {type(source).__name__}")
     src = str(source)
     path = Path(src).expanduser()
+    if is_gguf(src):  # dequantized once into a cached plain folder
+        model, _ = load_model(gguf_folder(path), copy_model=copy_model, dtype=dtype, **kwargs)
+        return model, str(path.resolve())
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"{src!r} is a file; give the directory holding config.json and the weights")
+            raise ValueError(
+                f"{src!r} is a file; give the directory holding config.json and the weights (or a .gguf file)"
+            )
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{src!r} has no config.json: is it a transformers checkpoint directory?")
         src = str(path)
@@ -123,6 +129,8 @@ def _find_tokenizer(sources: list[str | None]):
     for src in sources:
         if src is None:
             continue
+        if is_gguf(src):
+            src = str(gguf_folder(src))
         try:
             return AutoTokenizer.from_pretrained(src)
         except Exception:  # noqa: BLE001 - a model without a tokenizer is fine until text is used
@@ -303,14 +311,19 @@ class Composer:
     @staticmethod
     def _resolve_source(source: Any, role: str) -> tuple[Any, dict[str, Any]]:
         """A hub id that cannot be fetched fails now, naming what to do (not after a long network wait)."""
-        if not isinstance(source, str) or Path(source).expanduser().exists() or _is_local_path_like(source):
+        if (
+            not isinstance(source, str)
+            or is_gguf(source)
+            or Path(source).expanduser().exists()
+            or _is_local_path_like(source)
+        ):
             return source, {}
         return source, hub_access(source, role)
 
     @staticmethod
     def _resolve_tokenizer(tokenizer: Any, sources: list[str | None]):
         if isinstance(tokenizer, (str, os.PathLike)):
-            src = str(tokenizer)
+            src = str(gguf_folder(tokenizer)) if is_gguf(tokenizer) else str(tokenizer)
             kwargs: dict[str, Any] = {}
             if not Path(src).expanduser().exists():
                 if _is_local_path_like(src):

@@ -33,6 +33,7 @@ with SDPA/eager only the positions restart. ``packing=False`` truncates/pads eac
 
 from __future__ import annotations
 
+import glob
 import itertools
 import json
 import os
@@ -141,8 +142,8 @@ def _load_path(source, split: str, text_field: str, cache_dir: str | None, strea
     path = Path(source).expanduser()
     if path.is_file():
         return _read_file(path, text_field, cache_dir, streaming)
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory; give a .txt/.jsonl/.parquet file or a list of records")
+    if path.is_dir() or glob.has_magic(str(source)):
+        return _read_files(_list_files(path, str(source)), text_field, cache_dir, streaming)
     if isinstance(source, os.PathLike) or _looks_like_path(str(source)):
         raise FileNotFoundError(f"data file {str(source)!r} does not exist")
     try:
@@ -169,6 +170,68 @@ def _read_file(path: Path, text_field: str, cache_dir: str | None, streaming: bo
             ds = ds.rename_column("text", text_field)
         ds = ds.filter(_NonBlank(text_field))
     return ds
+
+
+def _list_files(path: Path, source: str) -> list[Path]:
+    """The files of a directory (recursively, hidden ones skipped) or of a glob pattern, sorted."""
+    if path.is_dir():
+        files = [
+            p for p in path.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(path).parts)
+        ]
+    else:
+        files = [Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file()]
+    if not files:
+        raise FileNotFoundError(
+            f"{source!r} matches no files; give a directory of text files or a glob such as 'src/**/*.py'"
+        )
+    return sorted(files)
+
+
+def _read_files(files: list[Path], text_field: str, cache_dir: str | None, streaming: bool):
+    """Several files: JSON Lines / Parquet files are read as records; any other files are text, one document each.
+
+    One file = one document is how code corpora are fed (a module's blank lines do not split it).
+    """
+    import datasets
+
+    suffixes = {p.suffix.lower() for p in files}
+    for kind in ("json", "parquet"):
+        if suffixes <= {s for s, b in _BUILDERS.items() if b == kind}:
+            builder, kwargs = kind, {}
+            break
+    else:
+        builder, kwargs = "text", {"sample_by": "document"}
+    try:
+        ds = datasets.load_dataset(
+            builder,
+            data_files=[str(p) for p in files],
+            split="train",
+            cache_dir=cache_dir,
+            streaming=streaming,
+            **kwargs,
+        )
+    except Exception as e:  # noqa: BLE001 - located and re-raised below
+        bad = next((p for p in files if not _is_utf8(p)), None) if builder == "text" else None
+        raise (
+            _explain_file_error(bad, e)
+            if bad is not None
+            else ValueError(f"could not read {len(files)} files as {builder} ({type(e).__name__}: {e})")
+        ) from e
+    if builder == "text":
+        if text_field != "text":
+            ds = ds.rename_column("text", text_field)
+        ds = ds.filter(_NonBlank(text_field))
+    return ds
+
+
+def _is_utf8(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            while f.read(1 << 20):
+                pass
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 class _NonBlank:

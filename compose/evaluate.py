@@ -8,21 +8,24 @@ strategy. Plots use matplotlib's ``Agg`` backend (no display needed) and write P
 >>> c = Composer(tiny_model("llama"), strategy="lora", r=2)
 >>> report = perplexity_report(c, {"general": [{"input_ids": list(range(3, 40))}]}, seq_len=16)
 >>> sorted(report["general"])
-['loss', 'perplexity', 'tokens']
+['documents', 'loss', 'perplexity', 'tokens']
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .arch import max_positions as arch_max_positions
 from .data import IGNORE, build_blocks, collate, load_records
 from .harness import lm_eval
+from .scoring import Document, prefix_tokens, score_documents
 
 if TYPE_CHECKING:
     from .composer import Composer
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "eval_loss_sums",
     "evaluate_loss",
+    "packed_loss",
     "perplexity_report",
     "exact_match",
     "forgetting_report",
@@ -82,7 +86,101 @@ def eval_loss_sums(
     return total, count
 
 
+def _documents(data: Any, tokenizer, text_field: str, prefix: list[int] | None, **load_kwargs: Any):
+    """Records of any source form -> :class:`~compose.scoring.Document` (one per record, in order)."""
+    records = load_records(data, text_field=text_field, **load_kwargs)
+    start: list[int] | None = None
+
+    def encode(text: Any, i: int, what: str) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"record {i}: {what!r} must be a string, got {type(text).__name__}")
+        if tokenizer is None:
+            raise ValueError(
+                f"record {i} holds text but no tokenizer is known: pass tokenizer= to Composer or give 'input_ids'"
+            )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for i, rec in enumerate(records):
+        ids = rec.get("input_ids")
+        if ids is not None:
+            yield Document(list(ids[:1]), list(ids[1:]))
+            continue
+        if start is None:
+            start = list(prefix) if prefix is not None else (prefix_tokens(tokenizer) if tokenizer is not None else [])
+        prompt, completion = rec.get("prompt"), rec.get("completion")
+        if prompt is not None and completion is not None:
+            text = completion
+            context, target = start + encode(prompt, i, "prompt"), encode(completion, i, "completion")
+        elif rec.get(text_field) is not None:
+            text = rec[text_field]
+            context, target = list(start), encode(text, i, text_field)
+        else:
+            raise ValueError(
+                f"record {i} has keys {sorted(k for k, v in rec.items() if v is not None)}; expected "
+                f"{text_field!r}, 'input_ids', or 'prompt' + 'completion'"
+            )
+        if not target:
+            continue
+        yield Document(context, target, len(text.encode("utf-8")), len(re.split(r"\s+", text)))
+
+
+def _model_positions(model: torch.nn.Module) -> int | None:
+    for owner in (model, getattr(model, "anchor", None)):
+        config = getattr(owner, "config", None)
+        if config is not None and arch_max_positions(config) is not None:
+            return arch_max_positions(config)
+    return None
+
+
 def evaluate_loss(
+    composer: Composer,
+    data: Any,
+    *,
+    batch_size: int = 8,
+    seq_len: int | None = None,
+    context_len: int = 1,
+    prefix_token_id: int | list[int] | None = None,
+    text_field: str = "text",
+    max_batches: int | None = None,
+    max_documents: int | None = None,
+    **load_kwargs: Any,
+) -> dict[str, float]:
+    """The standard per-document measure of ``composer.model`` on ``data`` (see :mod:`compose.scoring`).
+
+    ``seq_len``: the window (default: the model's position limit, at most 2048); ``context_len``:
+    the least context of a later window's first token (1 = lm-eval's ``loglikelihood_rolling``);
+    ``prefix_token_id``: what the first token is predicted from (default: the tokenizer's own
+    document-start tokens, else BOS, else EOS). ``max_batches`` limits the set to
+    ``max_batches * batch_size`` documents (or ``max_documents``). Returns ``loss``,
+    ``perplexity``, ``tokens``, ``documents`` and, for text, ``bits_per_byte``,
+    ``byte_perplexity``, ``word_perplexity``, ``bytes``, ``words``.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    model = composer.model
+    limit = _model_positions(model)
+    if seq_len is None:
+        seq_len = min(limit or 2048, 2048)
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"seq_len={seq_len} is beyond the model's position limit ({limit}); use seq_len <= {limit}")
+    if max_documents is None and max_batches is not None:
+        max_documents = max_batches * batch_size
+    prefix = [prefix_token_id] if isinstance(prefix_token_id, int) else prefix_token_id
+    docs = _documents(data, composer.tokenizer, text_field, prefix, **load_kwargs)
+    return score_documents(
+        model,
+        docs,
+        max_length=seq_len,
+        batch_size=batch_size,
+        context_len=context_len,
+        pad_token_id=_pad_id(composer),
+        max_documents=max_documents,
+    )
+
+
+def packed_loss(
     composer: Composer,
     data: Any,
     *,
@@ -92,7 +190,11 @@ def evaluate_loss(
     max_batches: int | None = None,
     **data_kwargs: Any,
 ) -> dict[str, float]:
-    """``{"loss", "perplexity", "tokens"}`` of ``composer.model`` on ``data`` (token-weighted)."""
+    """Loss over packed blocks of ``seq_len`` tokens, as ``fit`` measures ``eval_data`` (token-weighted).
+
+    Documents are packed and cut as for training, so this is not the standard perplexity
+    (use :func:`evaluate_loss`); it is what the training log's ``eval_loss`` reports.
+    """
     model = composer.model
     if seq_len is None:
         seq_len = min(getattr(model.config, "max_position_embeddings", None) or 1024, 1024)

@@ -16,6 +16,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
@@ -30,6 +31,7 @@ from transformers import (
 
 __all__ = [
     "TINY_FAMILIES",
+    "TINY_VARIANTS",
     "TINY_PREFIX",
     "tiny_config",
     "tiny_model",
@@ -80,6 +82,15 @@ def tiny_config(
         "qwen3": lambda: Qwen3Config(**llama_like, head_dim=head_dim, attention_bias=bias),
         "gemma": lambda: GemmaConfig(**llama_like, head_dim=head_dim),
         "gemma2": lambda: Gemma2Config(**llama_like, head_dim=head_dim, sliding_window=8),
+        # Gemma 3 as it ships: head_dim wider than hidden / heads, one KV head, q/k norms, a 2:1
+        # sliding/full layer pattern, scaled embeddings, tied head.
+        "gemma3_text": lambda: Gemma3TextConfig(
+            **dict(llama_like, num_key_value_heads=1),
+            head_dim=2 * head_dim,
+            query_pre_attn_scalar=2 * head_dim,
+            sliding_window=8,
+            layer_types=[("full_attention" if i % 3 == 2 else "sliding_attention") for i in range(layers)],
+        ),
         "phi3": lambda: Phi3Config(**llama_like),
         "mixtral": lambda: MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2),
         "gpt2": lambda: GPT2Config(
@@ -109,7 +120,22 @@ def _without_dropout(cfg, tie: bool | None):
     return cfg
 
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", "mixtral")
+TINY_FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "mixtral",
+)
+# Every family, plus the head layouts that break naive code: Llama with tied embeddings (SmolLM2's
+# layout; the tiny llama is untied, as Qwen2.5-Coder's head is).
+TINY_VARIANTS = TINY_FAMILIES + ("llama?tie=true",)
 
 
 @torch.no_grad()
@@ -122,7 +148,14 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **config_kwargs) -> PreTrainedModel:
-    """A tiny ``*ForCausalLM`` of ``family`` in fp32 eval mode with every parameter random."""
+    """A tiny ``*ForCausalLM`` of ``family`` in fp32 eval mode with every parameter random.
+
+    ``family`` may carry spec options, as in :data:`TINY_VARIANTS` (``"llama?tie=true"``).
+    """
+    if "?" in family:
+        family, options = parse_tiny_spec(TINY_PREFIX + family)
+        options.pop("seed", None)
+        config_kwargs = {**options, **config_kwargs}
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, **config_kwargs))
     randomize_(model, seed)

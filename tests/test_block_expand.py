@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from compose import Composer, arch
 from compose.strategies.block_expand import BlockExpandConfig, plan_insertions
-from compose.testing import TINY_FAMILIES, tiny_model
+from compose.testing import TINY_VARIANTS, tiny_model
 
 FIT = dict(max_steps=3, learning_rate=5e-2, batch_size=2, seq_len=16, warmup_ratio=0.0, progress=False)
 
@@ -22,7 +22,7 @@ def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.fixture(scope="module", params=TINY_FAMILIES)
+@pytest.fixture(scope="module", params=TINY_VARIANTS)
 def family(request):
     return request.param
 

@@ -15,6 +15,9 @@ PAIRS = {
     "llama+gpt2": (("llama", dict(hidden=48, heads=6, kv_heads=2)), ("gpt2", dict(hidden=32, heads=4))),
     "qwen3+llama": (("qwen3", dict(hidden=64, heads=4, kv_heads=2, layers=3)), ("llama", dict(hidden=32, heads=4))),
     "gemma2+gpt_neox": (("gemma2", dict(hidden=32, heads=4, kv_heads=2)), ("gpt_neox", dict(hidden=48, heads=6))),
+    # Gemma 3 both ways: as anchor over a tied-head Llama, and as augment of an untied-head Qwen2.
+    "gemma3_text+llama": (("gemma3_text", dict(hidden=32, heads=4)), ("llama", dict(hidden=48, heads=6, tie=True))),
+    "qwen2+gemma3_text": (("qwen2", dict(hidden=48, heads=6, kv_heads=2)), ("gemma3_text", dict(hidden=32, heads=4))),
 }
 
 

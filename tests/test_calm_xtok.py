@@ -82,7 +82,10 @@ def pair(request, bpe, chars):
 # ---------------------------------------------------------------------------------------------- basics
 
 
-@pytest.mark.parametrize("anchor_family,aug_family", [("llama", "gpt2"), ("qwen2", "gemma2"), ("gpt_neox", "llama")])
+@pytest.mark.parametrize(
+    "anchor_family,aug_family",
+    [("llama", "gpt2"), ("qwen2", "gemma2"), ("gpt_neox", "llama"), ("gemma3_text", "llama"), ("llama", "gemma3_text")],
+)
 def test_identity_at_init(chars, bpe, anchor_family, aug_family):
     c = _compose(chars, bpe, anchor_family, aug_family, randomize=False)
     assert c.model.is_cross_tokenizer and isinstance(c.model.cross[0], CrossTokenizer)
@@ -325,7 +328,10 @@ def test_cached_generate_other_families(chars, bpe):
     assert torch.allclose(torch.stack(out.logits, 1), full[:, n - 1 : -1], atol=1e-4)
 
 
-@pytest.mark.parametrize("anchor_family,aug_family", [("llama", "gpt2"), ("qwen2", "gemma2")])
+@pytest.mark.parametrize(
+    "anchor_family,aug_family",
+    [("llama", "gpt2"), ("qwen2", "gemma2"), ("gemma3_text", "qwen2"), ("qwen2", "gemma3_text")],
+)
 def test_teacher_forced_cached_decoding_crops_the_augmenting_cache(chars, bpe, monkeypatch, anchor_family, aug_family):
     """Feeding a text one character at a time makes BPE merges re-tokenise the augmenting tail
     ("wor" + "l" + "d" -> "world"): the cache is cropped (for gemma2, past its sliding window of 8,

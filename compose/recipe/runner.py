@@ -54,10 +54,17 @@ def _evaluate(composer, cfg: DictConfig) -> dict[str, Any]:
 
     ev = cfg.eval
     seq_len = ev.seq_len or cfg.data.seq_len
-    sets = {name: build_data(src, composer, cfg, seq_len) for name, src in to_container(ev.perplexity).items()}
+    sets = {name: _eval_records(src, cfg.data.text_field) for name, src in to_container(ev.perplexity).items()}
     out: dict[str, Any] = {}
     if sets:
-        out["perplexity"] = perplexity_report(composer, sets, batch_size=ev.batch_size, max_batches=ev.max_batches)
+        out["perplexity"] = perplexity_report(
+            composer,
+            sets,
+            batch_size=ev.batch_size,
+            seq_len=seq_len,
+            max_batches=ev.max_batches,
+            text_field=cfg.data.text_field,
+        )
     if ev.exact_match:
         out["exact_match"] = {}
         for name, src in to_container(ev.exact_match).items():
@@ -67,6 +74,14 @@ def _evaluate(composer, cfg: DictConfig) -> dict[str, Any]:
     if ev.get("lm_eval"):
         out["lm_eval"] = _lm_eval(composer, to_container(ev.lm_eval))
     return out
+
+
+def _eval_records(sources: Any, text_field: str):
+    """The records of one evaluation set (one source or a list of them), each record one document."""
+    import datasets
+
+    loaded = [_load_source(src, text_field)[0] for src in (sources if isinstance(sources, list) else [sources])]
+    return loaded[0] if len(loaded) == 1 else datasets.concatenate_datasets(loaded)
 
 
 def _lm_eval(composer, spec: dict[str, Any]) -> Any:
