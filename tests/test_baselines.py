@@ -115,3 +115,34 @@ def test_baselines_generate_like_forward(strategy, options):
         nxt = _logits(c.model, seq)[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], dim=1)
     assert torch.equal(out, seq)
+
+
+def test_full_blocks_trains_only_the_named_blocks(tmp_path):
+    """The LLaMA Pro ablation "train the blocks it would copy, no new ones" (freeze tuning)."""
+    from compose import arch
+
+    anchor = tiny_model("llama", seed=1, layers=8)
+    c = Composer(anchor, strategy="full", blocks="interleave:2")
+    names = set(c.trainable_parameters())
+    assert names and all(n.startswith(("model.layers.3.", "model.layers.7.")) for n in names)
+    before = {k: v.clone() for k, v in c.model.state_dict().items()}
+    ids = torch.randint(3, 96, (8, 20), generator=torch.Generator().manual_seed(0))
+    c.fit(
+        [{"input_ids": r} for r in ids.tolist()],
+        max_steps=2,
+        learning_rate=1e-2,
+        batch_size=4,
+        seq_len=16,
+        progress=False,
+    )
+    after = c.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("model.layers.3.", "model.layers.7.")) for k in changed)
+    out = c.save(tmp_path / "out")
+    again = Composer.load(out)
+    assert set(again.trainable_parameters()) == names
+    assert len(arch.get_blocks(again.model)) == 8
+    with pytest.raises(ValueError, match=r"blocks \[8\] are out of range"):
+        Composer(anchor, strategy="full", blocks=[8])
+    with pytest.raises(ValueError, match="'interleave:N'"):
+        Composer(anchor, strategy="full", blocks="top:2")

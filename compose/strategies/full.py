@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from .. import arch
 from .base import Strategy, StrategyConfig, register
 
 __all__ = ["FullConfig", "Full"]
@@ -36,13 +37,46 @@ class FullConfig(StrategyConfig):
     Attributes:
         train_embeddings: also train the input embeddings and the LM head (when they are
             tied, one tensor). ``False`` freezes both, a common choice for SFT.
+        blocks: train only these decoder blocks (0-based indices); everything else, the
+            embeddings and the head included, stays frozen. ``"interleave:N"`` names the N
+            blocks after which block expansion would insert its copies: the "train the
+            existing blocks, no new ones" ablation of LLaMA Pro (freeze tuning).
     """
 
     train_embeddings: bool = True
+    blocks: list[int] | str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.train_embeddings, bool):
             raise ValueError(f"train_embeddings must be true or false, got {self.train_embeddings!r}")
+        b = self.blocks
+        if isinstance(b, str):
+            kind, _, count = b.partition(":")
+            if kind != "interleave" or not count.isdigit() or int(count) < 1:
+                raise ValueError(f"blocks={b!r} is not accepted; expected a list of block indices or 'interleave:N'")
+        elif b is not None and (
+            not isinstance(b, (list, tuple))
+            or not b
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in b)
+        ):
+            raise ValueError(f"blocks must be a non-empty list of block indices, 'interleave:N' or None, got {b!r}")
+
+
+def trained_blocks(config: FullConfig, num_layers: int) -> list[int] | None:
+    """The block indices ``config.blocks`` names for a model of ``num_layers`` blocks (``None``: all)."""
+    if config.blocks is None:
+        return None
+    if isinstance(config.blocks, str):
+        from .block_expand import BlockExpandConfig, plan_insertions
+
+        count = int(config.blocks.partition(":")[2])
+        return sorted({after for _, after in plan_insertions(num_layers, BlockExpandConfig(num_blocks=count))})
+    bad = [i for i in config.blocks if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(
+            f"blocks {bad} are out of range for a model with {num_layers} blocks (valid: 0..{num_layers - 1})"
+        )
+    return sorted(set(config.blocks))
 
 
 @register
@@ -58,6 +92,13 @@ class Full(Strategy):
         return anchor
 
     def _unfreeze(self, model: PreTrainedModel) -> None:
+        chosen = trained_blocks(self.config, arch.num_layers(model))
+        if chosen is not None:
+            model.requires_grad_(False)
+            blocks = arch.get_blocks(model)
+            for i in chosen:
+                blocks[i].requires_grad_(True)
+            return
         model.requires_grad_(True)
         if not self.config.train_embeddings:
             model.get_input_embeddings().requires_grad_(False)

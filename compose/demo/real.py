@@ -1,0 +1,271 @@
+"""LLaMA Pro on a real pretrained model: SmolLM2-135M adapted to Python (the shape of the paper's Table 5).
+
+Every method trains on the same code tokens (CPython standard-library modules, one file per
+document) and is scored on modules it never saw (code) and on English it never saw (World
+English Bible chapters and Python tutorial prose), in bits per byte, with
+:func:`compose.evaluate.evaluate_loss` (each document on its own, rolling windows). Two
+settings: code only (the paper's) and code with a share of English replayed.
+
+Methods: full fine-tuning; LoRA at a small rank and at the rank whose parameter count matches
+the new blocks'; block expansion with the copies interleaved / on top / at the bottom; and the
+blocks block expansion would copy trained in place, no new ones (``full`` with
+``blocks="interleave:N"``). Each run writes ``<out>/<setting>/<method>/result.json``, and a
+finished run is not run again, so a killed experiment continues where it stopped.
+
+The texts may have been in SmolLM2's pretraining data; methods are compared with each other
+on the same held-out split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sysconfig
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .common import _log, _markdown, _n_trainable, _pyplot
+
+METHODS = ("full", "lora_small", "lora_matched", "interleave", "top", "bottom", "existing")
+
+
+@dataclass
+class RealLlamaProConfig:
+    """Sizes of the real-model LLaMA Pro experiment (defaults: the full run; ``QUICK_REAL`` for the demo)."""
+
+    model: str = "smollm2"
+    seq_len: int = 256
+    batch_size: int = 4
+    steps: int = 30
+    num_blocks: int = 6
+    """New blocks (30 -> 36, +20%; LLaMA Pro: 32 -> 40)."""
+    lora_small: int = 8
+    lrs: dict[str, float] = field(
+        default_factory=lambda: {"full": 5e-5, "lora": 2e-4, "block_expand": 2e-4, "existing": 5e-5}
+    )
+    replay: float = 0.4
+    """Share of the training characters that are English in the replay setting (0: code only)."""
+    train_chars: int = 400_000
+    eval_doc_chars: int = 6_000
+    """Each held-out document is cut at the first line end past this many characters."""
+    eval_chars: int = 24_000
+    """Characters of each held-out set (code, English)."""
+    methods: tuple[str, ...] = METHODS
+    settings: tuple[str, ...] = ("code", "replay")
+    seed: int = 0
+    threads: int | None = None
+
+
+QUICK_REAL = RealLlamaProConfig(
+    steps=12,
+    train_chars=120_000,
+    eval_chars=8_000,
+    methods=("full", "lora_matched", "interleave", "top"),
+    settings=("code",),
+)
+
+
+def _cut(text: str, chars: int) -> str:
+    end = text.find("\n", chars)
+    return text if end < 0 else text[: end + 1]
+
+
+def _take(docs: list[str], chars: int, per_doc: int | None = None) -> list[str]:
+    out, total = [], 0
+    for d in docs:
+        d = _cut(d, per_doc) if per_doc else d
+        if total >= chars:
+            break
+        out.append(d)
+        total += len(d)
+    return out
+
+
+def corpora(cfg: RealLlamaProConfig, root=None) -> dict[str, list[str]]:
+    """Train code / English replay and held-out code / English, deterministic for a machine's Python."""
+    from ..tasks.corpora import stdlib_files
+    from ..tasks.real import python_docs, split_by_name, web_bible
+
+    root_dir = Path(sysconfig.get_paths()["stdlib"])
+    files = {str(p.relative_to(root_dir)): p for p in stdlib_files(root_dir)}  # split by module path, not install path
+    train_names, test_names = split_by_name(sorted(files), 0.1)
+
+    def read(names: list[str]) -> list[str]:
+        texts = (files[n].read_text(encoding="utf-8", errors="replace") for n in names)
+        return [t for t in texts if t.strip()]
+
+    rng = random.Random(cfg.seed)
+    code_train = read(train_names)
+    rng.shuffle(code_train)
+    chapters: dict[str, list[str]] = {}
+    for book, ch, _, text in web_bible(root):
+        chapters.setdefault(f"{book}.{ch}", []).append(text)
+    web_train, web_test = split_by_name(sorted(chapters), 0.05)
+    docs = python_docs(root)
+    doc_train, doc_test = split_by_name(sorted(docs), 0.1)
+    english_train = [" ".join(chapters[c]) for c in web_train] + [docs[d] for d in doc_train]
+    rng.shuffle(english_train)
+    half = cfg.eval_chars // 2
+    english_test = _take([" ".join(chapters[c]) for c in web_test], half, cfg.eval_doc_chars)
+    english_test += _take([docs[d] for d in doc_test], half, cfg.eval_doc_chars)
+    return {
+        "code_train": _take(code_train, cfg.train_chars),
+        "english_train": _take(english_train, cfg.train_chars),
+        "code_test": _take(read(test_names), cfg.eval_chars, cfg.eval_doc_chars),
+        "english_test": english_test,
+    }
+
+
+def _train_docs(data: dict[str, list[str]], setting: str, replay: float) -> list[str]:
+    if setting == "code":
+        return list(data["code_train"])
+    n_code = sum(map(len, data["code_train"]))
+    english = _take(data["english_train"], int(n_code * replay / (1 - replay)))
+    docs = data["code_train"] + english
+    random.Random(1).shuffle(docs)
+    return docs
+
+
+def _lora_rank_matching(model_dir: Path, cfg: RealLlamaProConfig) -> int:
+    """The LoRA rank whose adapters on every linear layer have the new blocks' parameter count."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    h, f, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    kv = c.num_key_value_heads * (getattr(c, "head_dim", None) or h // c.num_attention_heads)
+    q = c.num_attention_heads * (getattr(c, "head_dim", None) or h // c.num_attention_heads)
+    block = h * q + 2 * h * kv + q * h + 3 * h * f
+    per_rank = layers * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + f) + (f + h))
+    return max(1, round(cfg.num_blocks * block / per_rank))
+
+
+def _composer(method: str, model_dir: Path, cfg: RealLlamaProConfig, rank: int):
+    from .. import Composer
+
+    if method == "full":
+        return Composer(str(model_dir), strategy="full"), cfg.lrs["full"]
+    if method.startswith("lora"):
+        r = cfg.lora_small if method == "lora_small" else rank
+        return Composer(str(model_dir), strategy="lora", r=r, alpha=2 * r), cfg.lrs["lora"]
+    if method == "existing":
+        return Composer(str(model_dir), strategy="full", blocks=f"interleave:{cfg.num_blocks}"), cfg.lrs["existing"]
+    c = Composer(str(model_dir), strategy="block_expand", num_blocks=cfg.num_blocks, placement=method)
+    return c, cfg.lrs["block_expand"]
+
+
+def _measure(c, data: dict[str, list[str]], cfg: RealLlamaProConfig) -> dict[str, float]:
+    code = c.evaluate(data["code_test"], seq_len=512, batch_size=4)
+    english = c.evaluate(data["english_test"], seq_len=512, batch_size=4)
+    return {"code_bpb": code["bits_per_byte"], "english_bpb": english["bits_per_byte"]}
+
+
+def _run_one(method: str, setting: str, model_dir: Path, data, cfg: RealLlamaProConfig, out: Path, rank: int) -> dict:
+    done = out / setting / method / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    c, lr = _composer(method, model_dir, cfg, rank)
+    _log(f"[real] {setting:6s} {method:12s} lr {lr:g}, {_n_trainable(c):,} trainable")
+    t = time.time()
+    c.fit(
+        _train_docs(data, setting, cfg.replay),
+        max_steps=cfg.steps,
+        learning_rate=lr,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        warmup_ratio=0.06,
+        weight_decay=0.0,
+        seed=cfg.seed,
+        progress=False,
+        report_to=None,
+        output_dir=str(out / setting / method / "run"),
+        save_every=max(1, cfg.steps // 3),
+        resume=True,
+        save_final=False,
+    )
+    train_s = time.time() - t
+    row = {"setting": setting, "method": method, "lr": lr, "trainable": _n_trainable(c), "train_s": round(train_s, 1)}
+    row.update(_measure(c, data, cfg))
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(row, indent=1))
+    _log(f"[real] {setting:6s} {method:12s} code {row['code_bpb']:.4f}  English {row['english_bpb']:.4f} bpb")
+    return row
+
+
+def run_real_llama_pro(cfg: RealLlamaProConfig, out: str | Path, root=None) -> dict[str, Any]:
+    """Run (or continue) every method x setting; the rows, the table and the Pareto plot."""
+    import torch
+
+    from .. import Composer
+    from ..tasks.real import model_dir
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(out)
+    path = model_dir(cfg.model, root)
+    data = corpora(cfg, root)
+    base_file = out / "base.json"
+    if base_file.is_file():
+        base = json.loads(base_file.read_text())
+    else:
+        base = _measure(Composer(str(path), strategy="full"), data, cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        base_file.write_text(json.dumps(base))
+    _log(f"[real] base: code {base['code_bpb']:.4f}  English {base['english_bpb']:.4f} bpb")
+    rank = _lora_rank_matching(path, cfg)
+    rows = [_run_one(m, s, path, data, cfg, out, rank) for s in cfg.settings for m in cfg.methods]
+    table = summarize(rows, base)
+    result = {"config": asdict(cfg), "base": base, "rows": table, "lora_matched_rank": rank}
+    (out / "real_llama_pro.json").write_text(json.dumps(result, indent=1))
+    plot_pareto(table, out / "real_llama_pro.png")
+    _log(_markdown(table, digits=4))
+    return result
+
+
+def summarize(rows: list[dict], base: dict[str, float]) -> list[dict]:
+    """Code gain and English change (relative, in bits per byte), and the share of full fine-tuning's gain."""
+    full = {r["setting"]: base["code_bpb"] - r["code_bpb"] for r in rows if r["method"] == "full"}
+    table = []
+    for r in rows:
+        gain = base["code_bpb"] - r["code_bpb"]
+        ref = full.get(r["setting"])
+        table.append(
+            {
+                "setting": r["setting"],
+                "method": r["method"],
+                "trainable": r["trainable"],
+                "code bpb": r["code_bpb"],
+                "code gain %": 100 * gain / base["code_bpb"],
+                "of full FT gain %": 100 * gain / ref if ref and not math.isclose(ref, 0) else float("nan"),
+                "English bpb": r["english_bpb"],
+                "English change %": 100 * (r["english_bpb"] - base["english_bpb"]) / base["english_bpb"],
+            }
+        )
+    return table
+
+
+def plot_pareto(table: list[dict], path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for setting, marker in (("code", "o"), ("replay", "s")):
+        pts = [r for r in table if r["setting"] == setting]
+        ax.scatter([r["English change %"] for r in pts], [r["code gain %"] for r in pts], marker=marker, label=setting)
+        for r in pts:
+            ax.annotate(
+                r["method"],
+                (r["English change %"], r["code gain %"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.axvline(0, color="grey", lw=0.5)
+    ax.set_xlabel("English bits/byte change, % (lower is better)")
+    ax.set_ylabel("code bits/byte gain, % (higher is better)")
+    ax.set_title("SmolLM2-135M adapted to Python: gain vs forgetting")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
