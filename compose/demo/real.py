@@ -51,10 +51,12 @@ class RealLlamaProConfig:
     train_chars: int = 400_000
     eval_doc_chars: int = 6_000
     """Each held-out document is cut at the first line end past this many characters."""
-    eval_chars: int = 24_000
+    eval_chars: int = 16_000
     """Characters of each held-out set (code, English)."""
     methods: tuple[str, ...] = METHODS
     settings: tuple[str, ...] = ("code", "replay")
+    replay_methods: tuple[str, ...] = ("full", "lora_matched", "interleave", "existing")
+    """Methods also run with English replay (all of ``methods`` run on code only)."""
     seed: int = 0
     threads: int | None = None
 
@@ -129,17 +131,32 @@ def _train_docs(data: dict[str, list[str]], setting: str, replay: float) -> list
     return docs
 
 
-def _lora_rank_matching(model_dir: Path, cfg: RealLlamaProConfig) -> int:
-    """The LoRA rank whose adapters on every linear layer have the new blocks' parameter count."""
+def _shapes(model_dir) -> tuple[int, int, int, int, int]:
+    """Hidden size, FFN size, layers, query width and key/value width of a llama-like config."""
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(model_dir)
-    h, f, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
-    kv = c.num_key_value_heads * (getattr(c, "head_dim", None) or h // c.num_attention_heads)
-    q = c.num_attention_heads * (getattr(c, "head_dim", None) or h // c.num_attention_heads)
-    block = h * q + 2 * h * kv + q * h + 3 * h * f
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_hidden_layers,
+        c.num_attention_heads * hd,
+        c.num_key_value_heads * hd,
+    )
+
+
+def lora_rank_for(model_dir, params: int) -> int:
+    """The LoRA rank whose adapters on every linear layer have about ``params`` parameters."""
+    h, f, layers, q, kv = _shapes(model_dir)
     per_rank = layers * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + f) + (f + h))
-    return max(1, round(cfg.num_blocks * block / per_rank))
+    return max(1, round(params / per_rank))
+
+
+def _lora_rank_matching(model_dir: Path, cfg: RealLlamaProConfig) -> int:
+    """The LoRA rank whose adapters have the new blocks' parameter count."""
+    h, f, _, q, kv = _shapes(model_dir)
+    return lora_rank_for(model_dir, cfg.num_blocks * (h * q + 2 * h * kv + q * h + 3 * h * f))
 
 
 def _composer(method: str, model_dir: Path, cfg: RealLlamaProConfig, rank: int):
@@ -215,7 +232,8 @@ def run_real_llama_pro(cfg: RealLlamaProConfig, out: str | Path, root=None) -> d
         base_file.write_text(json.dumps(base))
     _log(f"[real] base: code {base['code_bpb']:.4f}  English {base['english_bpb']:.4f} bpb")
     rank = _lora_rank_matching(path, cfg)
-    rows = [_run_one(m, s, path, data, cfg, out, rank) for s in cfg.settings for m in cfg.methods]
+    runs = [(s, m) for s in cfg.settings for m in (cfg.methods if s == "code" else cfg.replay_methods)]
+    rows = [_run_one(m, s, path, data, cfg, out, rank) for s, m in runs]
     table = summarize(rows, base)
     result = {"config": asdict(cfg), "base": base, "rows": table, "lora_matched_rank": rank}
     (out / "real_llama_pro.json").write_text(json.dumps(result, indent=1))
