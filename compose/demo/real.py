@@ -29,7 +29,7 @@ from typing import Any
 
 from .common import _log, _markdown, _n_trainable, _pyplot
 
-METHODS = ("full", "lora_small", "lora_matched", "interleave", "top", "bottom", "existing")
+METHODS = ("full", "interleave", "lora_matched", "existing", "top", "bottom", "lora_small")
 
 
 @dataclass
