@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .base import Strategy, StrategyConfig, register
+from .base import Strategy, StrategyConfig, register, shard_options
 
 __all__ = ["FullConfig", "Full"]
 
@@ -48,6 +48,7 @@ class FullConfig(StrategyConfig):
 @register
 class Full(Strategy):
     name = "full"
+    method = "full fine-tuning"
     config_class = FullConfig
     saves_full_model = True
 
@@ -65,8 +66,8 @@ class Full(Strategy):
             if head is not None:
                 head.requires_grad_(False)
 
-    def save(self, model: nn.Module, directory: Path) -> dict[str, Any]:
-        model.save_pretrained(directory, safe_serialization=True)
+    def save(self, model: nn.Module, directory: Path, *, max_shard_size: int | str | None = None) -> dict[str, Any]:
+        model.save_pretrained(directory, safe_serialization=True, **shard_options(max_shard_size))
         return {}
 
     def load(self, directory, state, anchor, augments) -> nn.Module:
