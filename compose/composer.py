@@ -473,7 +473,10 @@ class Composer:
                 "(training diverged); lower the learning rate or resume from an earlier checkpoint"
             )
         with atomic_directory(directory, overwrite=overwrite, what="save directory") as tmp:
-            state = self.strategy.save(self.model, tmp, max_shard_size=max_shard_size)
+            shards = (
+                {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+            )  # older strategies: no keyword
+            state = self.strategy.save(self.model, tmp, **shards)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             if not card_is_foreign(directory):

@@ -43,7 +43,7 @@ def export_plain(
         strategy.export(composer.model, directory)  # raises: nothing to export, nothing written
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite, what="export directory") as tmp:
-        strategy.export(composer.model, tmp, max_shard_size=max_shard_size)
+        strategy.export(composer.model, tmp, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
         if composer.tokenizer is not None:
             composer.tokenizer.save_pretrained(tmp)
         if source_dir is not None and (Path(source_dir) / "recipe.yaml").is_file():

@@ -117,38 +117,6 @@ class CardInfo:
             **kwargs,
         )
 
-    @classmethod
-    def from_directory(cls, directory: str | os.PathLike, **kwargs: Any) -> CardInfo:
-        """From ``compose.json`` (or a CALM ``config.json``), with ``recipe.yaml`` / ``results.json`` when present."""
-        directory = Path(directory)
-        meta_path, config_path = directory / "compose.json", directory / "config.json"
-        if meta_path.is_file():
-            meta = read_json(meta_path)
-            info = cls(
-                strategy=meta["strategy"],
-                anchor=meta.get("anchor"),
-                augments=list(meta.get("augment") or []),
-                options=meta.get("options") or {},
-                data=list(meta.get("data") or []),
-                **kwargs,
-            )
-        elif config_path.is_file() and read_json(config_path).get("model_type") == "compose_calm":
-            config = read_json(config_path)
-            info = cls(
-                strategy="calm",
-                anchor=config.get("anchor"),
-                augments=list(config.get("augments") or []),
-                options=config.get("options") or {},
-                **kwargs,
-            )
-        else:
-            raise FileNotFoundError(
-                f"{directory} has neither compose.json nor a CALM config.json: give a directory written by "
-                "Composer.save or `compose train`"
-            )
-        info.add_run_files(directory)
-        return info
-
     def add_run_files(self, directory: str | os.PathLike) -> None:
         """Take the recipe and the evaluation results written beside the model, when there are any."""
         directory = Path(directory)

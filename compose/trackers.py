@@ -28,7 +28,7 @@ from typing import Any
 
 from .validation import OptionError
 
-__all__ = ["TRACKERS", "check_report_to", "resolve_trackers", "project_name", "init_kwargs"]
+__all__ = ["TRACKERS", "check_report_to", "resolve_trackers", "project_name", "init_kwargs", "finish"]
 
 #: accepted names and the package each one needs.
 TRACKERS: dict[str, str] = {
@@ -109,3 +109,11 @@ def init_kwargs(trackers: list[str], output_dir: str | os.PathLike | None) -> di
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         out["wandb"] = {"dir": str(output_dir)}
     return out
+
+
+def finish(accelerator: Any) -> None:
+    """Close the trackers. Not ``accelerator.end_training()``: that also destroys the process group, which a
+    distributed run still needs afterwards (gathering the weights, saving, evaluating)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []

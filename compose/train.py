@@ -1276,7 +1276,9 @@ def _close(run: _Run) -> None:
     if run.bar is not None:
         run.bar.close()
     if run.trackers:
-        run.accelerator.end_training()
+        from .trackers import finish
+
+        finish(run.accelerator)
 
 
 def _fsdp_full_state(run: _Run) -> dict[str, torch.Tensor]:
