@@ -54,8 +54,8 @@ class ComposeLM(HFLM):
             if (anchor, augment) != (None, None):
                 raise ValueError(f"anchor= / augment= apply to a directory compose wrote; {pretrained!r} is not one")
             # a plain checkpoint or hub id: exactly lm-eval's own "hf" model
-            options = {"dtype": dtype} if dtype is not None else {}
-            super().__init__(pretrained=pretrained, tokenizer=tokenizer, device=device or "cuda", **options, **kwargs)
+            options = {k: v for k, v in (("dtype", dtype), ("device", device)) if v is not None}
+            super().__init__(pretrained=pretrained, tokenizer=tokenizer, **options, **kwargs)
             return
         from .recipe import load_output
 

@@ -210,3 +210,14 @@ def test_push_refuses_what_it_cannot_upload(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["push", str(tmp_path / "out"), "me/x"]) == 1
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+
+def test_compose_export_max_shard_size(tmp_path, capsys):
+    c = _composer("full")
+    c.save(tmp_path / "saved")
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "bad"), "--max-shard-size", "huge"]) == 1
+    assert "max_shard_size='huge' is not accepted" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["export", str(tmp_path / "saved"), str(tmp_path / "out"), "--max-shard-size", "30000"]) == 0
+    assert len(_shards(tmp_path / "out")) > 1 and (tmp_path / "out" / "README.md").is_file()
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "out")(IDS).logits, c.model(IDS).logits)
