@@ -6,7 +6,8 @@
     compose eval runs/tiny/block_expand/sft/final --data recipes/tiny/data/general.txt
     compose generate runs/tiny/block_expand/sft/final --prompt "def f(x):"
     compose check recipes/**/*.yaml
-    compose export runs/lora/final merged/
+    compose export runs/lora/final merged/ --max-shard-size 5GB
+    compose push runs/tiny/block_expand/sft/final my-name/my-model
     compose import-gguf SmolLM2-135M-Instruct.Q4_1.gguf smollm2/
 
 Works the same under ``accelerate launch -m compose.cli train RECIPE ...``: every process
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check(sub)
     _add_export(sub)
     _add_import_gguf(sub)
+    _add_push(sub)
     return parser
 
 
@@ -201,6 +203,28 @@ def _add_export(sub) -> None:
         action="store_true",
         help="write into OUT even if it holds other files (they are kept; only compose's files are replaced)",
     )
+    p.add_argument(
+        "--max-shard-size",
+        default=None,
+        metavar="SIZE",
+        help="split the weights into safetensors shards of at most SIZE (e.g. 5GB, 500MB) with an index",
+    )
+
+
+def _add_push(sub) -> None:
+    p = sub.add_parser(
+        "push",
+        help="upload a saved or exported model (with its model card) to the Hugging Face Hub",
+        description="Upload DIR (written by Composer.save, `compose train` or `compose export`, with its README.md "
+        "model card) to the Hub repository REPO, created if missing. Needs a token: `huggingface-cli login` or "
+        "HF_TOKEN. compose's own bookkeeping files are not uploaded.",
+    )
+    p.add_argument("dir", help="the model directory")
+    p.add_argument("repo", help="the Hub repository id, user-or-org/name")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--revision", default=None, help="the branch to push to (default: main)")
+    p.add_argument("--commit-message", default=None)
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
 
 
 def _add_import_gguf(sub) -> None:
@@ -359,7 +383,8 @@ def _cmd_export(args) -> int:
     from .recipe import load_output
 
     composer = load_output(args.dir)
-    out = export_plain(composer, args.out, source_dir=args.dir, overwrite=args.overwrite)
+    size = int(args.max_shard_size) if args.max_shard_size and args.max_shard_size.isdigit() else args.max_shard_size
+    out = export_plain(composer, args.out, source_dir=args.dir, overwrite=args.overwrite, max_shard_size=size)
     _print(f"compose: exported {composer.strategy_name} model to {out}")
     return 0
 
@@ -372,6 +397,17 @@ def _cmd_import_gguf(args) -> int:
     return 0
 
 
+def _cmd_push(args) -> int:
+    from .publish import push_to_hub
+
+    url = push_to_hub(
+        args.dir, args.repo, private=args.private or None, revision=args.revision,
+        commit_message=args.commit_message, create_pr=args.create_pr,
+    )  # fmt: skip
+    _print(f"compose: pushed {args.dir} to {args.repo}: {url}")
+    return 0
+
+
 _COMMANDS = {
     "train": _cmd_train,
     "eval": _cmd_eval,
@@ -379,6 +415,7 @@ _COMMANDS = {
     "check": _cmd_check,
     "export": _cmd_export,
     "import-gguf": _cmd_import_gguf,
+    "push": _cmd_push,
 }
 
 

@@ -267,6 +267,8 @@ class Composer:
         self.model: nn.Module = self.strategy.build(anchor_model, augments)
         self.model.eval()
         self.history: list[dict[str, float]] = []
+        #: names of the training data, for the model card (set by ``fit`` or a recipe).
+        self.data_names: list[str] = []
 
     # ------------------------------------------------------------------ construction helpers
     def _pass_augment_tokenizers(self, given: Any, anchor_model: Any, augments: list) -> None:
@@ -365,6 +367,10 @@ class Composer:
 
         config = TrainConfig.from_kwargs(**validate_train_options(train_options))
         self._check_fit(config, train_data, eval_data)
+        if not getattr(self, "data_names", None):
+            from .publish import describe_train_data
+
+            self.data_names = describe_train_data(train_data)
         if config.output_dir is None or not _is_rank_zero():
             self._train(config, train_data, eval_data)
             if after is not None:
@@ -452,17 +458,27 @@ class Composer:
             self.model.train(was_training)
 
     def save(
-        self, directory: str | os.PathLike, *, extra: dict[str, Any] | None = None, overwrite: bool = False
+        self,
+        directory: str | os.PathLike,
+        *,
+        extra: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        max_shard_size: int | str | None = None,
     ) -> Path:
-        """Write what the strategy needs to rebuild the model, atomically, plus ``compose.json``.
+        """Write what the strategy needs to rebuild the model, atomically, plus ``compose.json`` and a model card.
 
         ``directory`` must be new, empty, or written by compose before; a directory holding other
         files is an error unless ``overwrite=True``, and even then only compose's files are
-        replaced (the others are kept). Non-finite trainable weights are never saved.
+        replaced (the others are kept, a ``README.md`` of your own included). Non-finite
+        trainable weights are never saved. ``max_shard_size`` (``"5GB"``) splits full-model
+        weights (``block_expand``, ``full``) into safetensors shards with an index.
         """
+        from .publish import CardInfo, card_is_foreign, check_shard_size, write_model_card
+
         directory = Path(directory)
         if not isinstance(overwrite, bool):
             raise OptionError(f"overwrite={overwrite!r} is not accepted; expected true/false")
+        max_shard_size = check_shard_size(max_shard_size)
         bad = [n for n, p in self.trainable_parameters().items() if not torch.isfinite(p.detach()).all()]
         if bad:
             raise ValueError(
@@ -470,9 +486,14 @@ class Composer:
                 "(training diverged); lower the learning rate or resume from an earlier checkpoint"
             )
         with atomic_directory(directory, overwrite=overwrite, what="save directory") as tmp:
-            state = self.strategy.save(self.model, tmp)
+            shards = (
+                {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+            )  # older strategies: no keyword
+            state = self.strategy.save(self.model, tmp, **shards)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
+            if not card_is_foreign(directory):
+                write_model_card(tmp, CardInfo.from_composer(self))
             write_json(
                 tmp / CONFIG_NAME,
                 {
@@ -482,11 +503,40 @@ class Composer:
                     "options": self.strategy.config.to_dict(),
                     "anchor": self.anchor_source,
                     "augment": self.augment_sources,
+                    "data": list(getattr(self, "data_names", []) or []),
                     "state": state,
                     **(extra or {}),
                 },
             )
         return directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        max_shard_size: int | str | None = "5GB",
+        create_pr: bool = False,
+    ) -> str:
+        """Save into a temporary directory (weights in ``max_shard_size`` shards, the model card naming
+        ``repo_id``) and upload it to the Hub repository ``repo_id``, created if missing; returns the commit URL.
+
+        Needs a Hub token (``token=`` or ``huggingface-cli login``). See :func:`compose.publish.push_to_hub`.
+        """
+        import tempfile
+
+        from .publish import CardInfo, push_to_hub, write_model_card
+
+        with tempfile.TemporaryDirectory(prefix="compose-push-") as tmp:
+            out = self.save(Path(tmp) / "model", max_shard_size=max_shard_size)
+            write_model_card(out, CardInfo.from_composer(self, repo_id=repo_id))
+            return push_to_hub(
+                out, repo_id, private=private, token=token, revision=revision, commit_message=commit_message,
+                create_pr=create_pr,
+            )  # fmt: skip
 
     @classmethod
     def load(
@@ -522,6 +572,7 @@ class Composer:
         self.strategy_name = meta["strategy"]
         self.strategy = get_strategy(self.strategy_name)(make_config(self.strategy_name, meta["options"]))
         self.history = []
+        self.data_names = list(meta.get("data") or [])
         if self.strategy.saves_full_model:
             anchor_model, self.anchor_source = None, meta.get("anchor")
             augments, self.augment_sources = [], []
@@ -566,6 +617,7 @@ class Composer:
         self.strategy = get_strategy("calm")(CalmOptions(**model.config.options))
         self.strategy.plan = list(model.plan)
         self.history = []
+        self.data_names = []
         self.model = model
         self.anchor_source = model.config.anchor
         self.augment_sources = list(model.config.augments)

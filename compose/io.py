@@ -290,7 +290,7 @@ def _now() -> str:
 # ---------------------------------------------------------------------------- run directories
 # What a training run writes at the top of its output directory (besides hidden markers).
 _RUN_FILES = {"checkpoints", "final", "metrics.jsonl", COMPLETE_NAME, "loss.png", "perplexity.png", "forgetting.png"}
-_RUN_FILES |= {"compose", "recipe.yaml", LOCK_NAME, RUN_MARKER}
+_RUN_FILES |= {"compose", "wandb", "recipe.yaml", LOCK_NAME, RUN_MARKER}  # tensorboard, wandb: compose.trackers
 
 
 def prepare_run_directory(directory: str | os.PathLike, *, resume: bool | str, overwrite: bool) -> None:

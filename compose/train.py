@@ -134,7 +134,8 @@ class TrainConfig:
     log_every: int = 10
     """Log loss / learning rate / throughput every N steps."""
     report_to: str | list[str] | None = "auto"
-    """accelerate trackers: ``auto`` (tensorboard when installed and ``output_dir`` is set), a name, a list, or ``None``."""
+    """accelerate trackers (``tensorboard``, ``wandb``, ``mlflow`` ...): a name, a list, ``auto`` (tensorboard when
+    installed and ``output_dir`` is set) or ``None``; they log what ``metrics.jsonl`` holds (see compose.trackers)."""
     packing: bool = True
     """Join documents with EOS and cut into ``seq_len`` blocks (else pad each record)."""
     mask_prompt: bool = True
@@ -319,17 +320,9 @@ def _has_accelerator() -> bool:
 
 
 def _trackers(config: TrainConfig) -> list[str] | None:
-    if config.report_to in (None, "none", [], ()):
-        return None
-    if config.report_to == "auto":
-        if config.output_dir is None:
-            return None
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            return None
-        return ["tensorboard"]
-    return [config.report_to] if isinstance(config.report_to, str) else list(config.report_to)
+    from .trackers import resolve_trackers
+
+    return resolve_trackers(config.report_to, config.output_dir)
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -954,7 +947,13 @@ def _load_checkpoint(run: _Run, path: Path, state: dict[str, Any]) -> None:
 
 def _start_logging(run: _Run) -> None:
     if run.trackers:
-        run.accelerator.init_trackers("compose", config={k: str(v) for k, v in run.config.to_dict().items()})
+        from .trackers import init_kwargs, project_name
+
+        run.accelerator.init_trackers(
+            project_name(run.trackers),
+            config={k: str(v) for k, v in run.config.to_dict().items()},
+            init_kwargs=init_kwargs(run.trackers, run.output_dir),
+        )
     if run.config.progress and run.main:
         from tqdm.auto import tqdm
 
@@ -1277,7 +1276,9 @@ def _close(run: _Run) -> None:
     if run.bar is not None:
         run.bar.close()
     if run.trackers:
-        run.accelerator.end_training()
+        from .trackers import finish
+
+        finish(run.accelerator)
 
 
 def _fsdp_full_state(run: _Run) -> dict[str, torch.Tensor]:

@@ -317,6 +317,10 @@ def validate_train_options(options: dict[str, Any]) -> dict[str, Any]:
         raise _fail("max_grad_norm", 0, "a number > 0 (use None for no clipping)")
     if "callbacks" in out and not all(callable(cb) for cb in out["callbacks"]):
         raise _fail("callbacks", out["callbacks"], "a list of callables cb(step, metrics)")
+    if "report_to" in out:
+        from .trackers import check_report_to
+
+        check_report_to(out["report_to"])  # names only; whether each is installed is checked when training starts
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ..data import _is_main_process, _load_source, build_data
+from ..publish import describe_sources
 from ..testing import TINY_PREFIX, tiny_tokenizer
 from .check import check_recipe
 from .models import resolve_model
@@ -103,11 +104,14 @@ def _lm_eval(composer, spec: dict[str, Any]) -> Any:
 def _write_outputs(composer, cfg: DictConfig, recipe: Recipe, name: str, result: dict[str, Any]) -> None:
     from ..evaluate import plot_forgetting, plot_history, plot_perplexity
     from ..io import write_json, write_text
+    from ..publish import CardInfo, card_is_foreign, write_model_card
 
     out = Path(cfg.output.dir)
     final = out / "final"
     write_text(final / RECIPE_FILE, recipe.to_yaml())
     write_json(final / "results.json", {k: v for k, v in result.items() if k != "history"})
+    if not card_is_foreign(final):  # the card again, now with the recipe and the evaluation table
+        write_model_card(final, CardInfo.from_composer(composer, recipe=recipe.to_yaml(), results=result))
     if not cfg.eval.plots:
         return
     plot_history(composer.history, out / "loss.png", title=name)
@@ -139,6 +143,7 @@ def _run_stage(stage: Stage, recipe: Recipe, say, main: bool) -> dict[str, Any]:
     tc = train_config(cfg, recipe.where)
     say(f"compose: stage {name}: {cfg.strategy} on {cfg.anchor} -> {tc.output_dir}")
     composer = _build_composer(cfg)
+    composer.data_names = describe_sources(to_container(cfg.data.train))
     say(f"compose: {composer!r}")
     measured = cfg.eval.perplexity or cfg.eval.exact_match or cfg.eval.get("lm_eval")
     baseline = _evaluate(composer, cfg) if cfg.eval.baseline and cfg.eval.perplexity else None

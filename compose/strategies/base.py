@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from torch import nn
 from transformers import PreTrainedModel
 
-__all__ = ["StrategyConfig", "Strategy", "STRATEGIES", "register", "get_strategy", "make_config"]
+__all__ = ["StrategyConfig", "Strategy", "STRATEGIES", "register", "get_strategy", "make_config", "shard_options"]
 
 
 @dataclasses.dataclass
@@ -43,6 +43,11 @@ class Strategy(ABC):
     #: whether :meth:`save` writes the whole model as a plain transformers checkpoint, so that
     #: :meth:`load` needs no anchor and the output can seed a later stage.
     saves_full_model: ClassVar[bool] = False
+    #: the method's name and paper, for model cards (``compose.publish``).
+    method: ClassVar[str] = ""
+    paper: ClassVar[str | None] = None
+    #: the library that loads what :meth:`save` writes (the ``library_name`` of a model card).
+    library_name: ClassVar[str] = "transformers"
 
     def __init__(self, config: StrategyConfig):
         if not isinstance(config, self.config_class):
@@ -61,8 +66,13 @@ class Strategy(ABC):
         """
 
     @abstractmethod
-    def save(self, model: nn.Module, directory: Path) -> dict[str, Any]:
-        """Write the strategy's weights into ``directory``; return extra JSON state for ``compose.json``."""
+    def save(self, model: nn.Module, directory: Path, *, max_shard_size: int | str | None = None) -> dict[str, Any]:
+        """Write the strategy's weights into ``directory``; return extra JSON state for ``compose.json``.
+
+        ``max_shard_size`` (``"5GB"``, bytes) splits full-model weights into safetensors shards
+        with an index; strategies that write only a few small tensors (an adapter, CALM's
+        connections) write one file.
+        """
 
     @abstractmethod
     def load(
@@ -77,7 +87,7 @@ class Strategy(ABC):
         ``anchor`` is ``None`` when the directory holds the full model (``block_expand``).
         """
 
-    def export(self, model: nn.Module, directory: Path) -> None:
+    def export(self, model: nn.Module, directory: Path, *, max_shard_size: int | str | None = None) -> None:
         """Write ``model`` as a plain transformers checkpoint (``compose export``).
 
         Strategies that already hold a plain model save it; others override this (``lora``
@@ -88,7 +98,12 @@ class Strategy(ABC):
                 f"strategy {self.name!r} has no plain-checkpoint export: its model is not a single "
                 "transformers model (load it with Composer.load instead)"
             )
-        model.save_pretrained(directory, safe_serialization=True)
+        model.save_pretrained(directory, safe_serialization=True, **shard_options(max_shard_size))
+
+
+def shard_options(max_shard_size: int | str | None) -> dict[str, Any]:
+    """``save_pretrained`` keywords for ``max_shard_size`` (none: transformers' default, one file up to 50GB)."""
+    return {} if max_shard_size is None else {"max_shard_size": max_shard_size}
 
 
 STRATEGIES: dict[str, type[Strategy]] = {}

@@ -47,7 +47,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import arch
 from ..validation import OptionError
-from .base import Strategy, StrategyConfig, register
+from .base import Strategy, StrategyConfig, register, shard_options
 
 __all__ = ["BlockExpandConfig", "BlockExpand", "NewBlockLora", "plan_insertions", "merged_state_dict"]
 
@@ -372,6 +372,8 @@ def _init_lora_(layer: nn.Module, generator: torch.Generator, init: bool | str) 
 @register
 class BlockExpand(Strategy):
     name = "block_expand"
+    method = "block expansion (LLaMA Pro)"
+    paper = "https://arxiv.org/abs/2401.02415"
     config_class = BlockExpandConfig
     saves_full_model = True
 
@@ -544,16 +546,17 @@ class BlockExpand(Strategy):
                         param.requires_grad_(True)
 
     # -------------------------------------------------------------- save / load
-    def save(self, model: nn.Module, directory: Path) -> dict[str, Any]:
-        self.export(model, directory)
+    def save(self, model: nn.Module, directory: Path, *, max_shard_size: int | str | None = None) -> dict[str, Any]:
+        self.export(model, directory, max_shard_size=max_shard_size)
         return {"inserted": list(self.inserted)}
 
-    def export(self, model: nn.Module, directory: Path) -> None:
+    def export(self, model: nn.Module, directory: Path, *, max_shard_size: int | str | None = None) -> None:
         """A plain transformers checkpoint; LoRA adapters are merged into the new blocks' weights."""
+        options = shard_options(max_shard_size)
         if _lora_layers(model):
-            model.save_pretrained(directory, state_dict=merged_state_dict(model), safe_serialization=True)
+            model.save_pretrained(directory, state_dict=merged_state_dict(model), safe_serialization=True, **options)
         else:
-            model.save_pretrained(directory, safe_serialization=True)
+            model.save_pretrained(directory, safe_serialization=True, **options)
 
     def load(self, directory, state, anchor, augments) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto")

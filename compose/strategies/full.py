@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .. import arch
-from .base import Strategy, StrategyConfig, register
+from .base import Strategy, StrategyConfig, register, shard_options
 
 __all__ = ["FullConfig", "Full"]
 
@@ -82,6 +82,7 @@ def trained_blocks(config: FullConfig, num_layers: int) -> list[int] | None:
 @register
 class Full(Strategy):
     name = "full"
+    method = "full fine-tuning"
     config_class = FullConfig
     saves_full_model = True
 
@@ -106,8 +107,8 @@ class Full(Strategy):
             if head is not None:
                 head.requires_grad_(False)
 
-    def save(self, model: nn.Module, directory: Path) -> dict[str, Any]:
-        model.save_pretrained(directory, safe_serialization=True)
+    def save(self, model: nn.Module, directory: Path, *, max_shard_size: int | str | None = None) -> dict[str, Any]:
+        model.save_pretrained(directory, safe_serialization=True, **shard_options(max_shard_size))
         return {}
 
     def load(self, directory, state, anchor, augments) -> nn.Module:

@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedModel
 
-from .base import Strategy, StrategyConfig, register
+from .base import Strategy, StrategyConfig, register, shard_options
 
 __all__ = ["LoraConfig", "Lora", "merge_and_export"]
 
@@ -91,6 +91,9 @@ class LoraConfig(StrategyConfig):
 @register
 class Lora(Strategy):
     name = "lora"
+    method = "LoRA"
+    paper = "https://arxiv.org/abs/2106.09685"
+    library_name = "peft"
     config_class = LoraConfig
 
     def build(self, anchor: PreTrainedModel, augments: list[PreTrainedModel]) -> nn.Module:
@@ -105,7 +108,8 @@ class Lora(Strategy):
         except ValueError as e:
             raise ValueError(f"lora: {e} (model type {anchor.config.model_type!r})") from e
 
-    def save(self, model: nn.Module, directory: Path) -> dict[str, Any]:
+    def save(self, model: nn.Module, directory: Path, *, max_shard_size: int | str | None = None) -> dict[str, Any]:
+        # an adapter is a few small tensors: one file, whatever max_shard_size says
         model.save_pretrained(str(directory), safe_serialization=True)
         return {"adapter": "adapter_model.safetensors", "base": _base_signature(model.get_base_model().config)}
 
@@ -119,10 +123,10 @@ class Lora(Strategy):
         # is_trainable: a reloaded adapter can be trained further (fit after load).
         return peft.PeftModel.from_pretrained(anchor, str(directory), is_trainable=True)
 
-    def export(self, model: nn.Module, directory: Path) -> None:
+    def export(self, model: nn.Module, directory: Path, *, max_shard_size: int | str | None = None) -> None:
         """Write merged plain weights (``W + (alpha / r) B A``) as a transformers checkpoint."""
         merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(str(directory), safe_serialization=True)
+        merged.save_pretrained(str(directory), safe_serialization=True, **shard_options(max_shard_size))
 
 
 _SIGNATURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")

@@ -39,6 +39,9 @@ class Calm(Strategy):
     """
 
     name = "calm"
+    method = "CALM (composition to augment language models)"
+    paper = "https://arxiv.org/abs/2401.02412"
+    library_name = "compose"
     config_class = CalmOptions
     takes_augment = True
 
@@ -127,7 +130,8 @@ class Calm(Strategy):
             arch.get_family(model)  # unknown family: a clear error
         check_same_vocabulary(anchor, augments)
 
-    def save(self, model: nn.Module, directory: Path) -> dict[str, Any]:
+    def save(self, model: nn.Module, directory: Path, *, max_shard_size: int | str | None = None) -> dict[str, Any]:
+        # the connections only (the base models are referenced by name): one file
         if not isinstance(model, CalmForCausalLM):
             raise TypeError(f"calm saves a CalmForCausalLM, got {type(model).__name__}")
         save_composition(model, directory)
