@@ -15,10 +15,17 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import __version__, arch
+from .guards import (
+    check_causal_lm,
+    check_eval_batch_size,
+    check_finite_weights,
+    check_tokenizer_on_text,
+)
 from .io import (
     LOCK_NAME,
     RUN_MARKER,
     atomic_directory,
+    check_replaceable,
     check_safetensors,
     mark_complete,
     output_lock,
@@ -245,11 +252,13 @@ class Composer:
         self.strategy = strategy_cls(config)
         anchor, anchor_kwargs = self._resolve_source(anchor, "anchor")
         anchor_model, self.anchor_source = load_model(anchor, copy_model=copy_model, dtype=dtype, **anchor_kwargs)
+        check_causal_lm(anchor_model, "anchor")
         check_strategy_against_model(self.strategy_name, config, anchor_model.config)
         loaded = []
-        for a in augments_in:
+        for i, a in enumerate(augments_in):
             a, kwargs = self._resolve_source(a, "augment")
             loaded.append(load_model(a, copy_model=copy_model, dtype=dtype, **kwargs))
+            check_causal_lm(loaded[-1][0], f"augmenting model {i}")
         augments = [m for m, _ in loaded]
         self.augment_sources = [s for _, s in loaded]
         self._base_configs = [anchor_model.config] + [m.config for m in augments]
@@ -362,6 +371,8 @@ class Composer:
         try:
             with output_lock(out):
                 recover_directory(out / "final")  # a save interrupted between its renames, by an earlier run
+                if config.save_final:
+                    check_replaceable(out / "final", what="the final model directory")
                 prepare_run_directory(out, resume=config.resume, overwrite=config.overwrite_output_dir)
                 self._train(config, train_data, eval_data)
                 if after is not None:
@@ -387,20 +398,31 @@ class Composer:
         )  # fmt: skip
         self.model, self.history = result.model, result.history
 
-    def _check_fit(self, config: Any, train_data: Any, eval_data: Any) -> None:
-        """What can be seen before training starts: positions of every base model, token ids in range."""
+    def _check_positions(self, seq_len: int) -> None:
         configs = getattr(self, "_base_configs", None) or [getattr(self.model, "config", None)]
         for role, cfg in zip(["model"] + [f"augmenting model {i}" for i in range(len(configs) - 1)], configs):
             limit = arch.max_positions(cfg) if cfg is not None else None
-            if limit is not None and config.seq_len > limit:
+            if limit is not None and seq_len > limit:
                 raise OptionError(
-                    f"seq_len={config.seq_len} is beyond the {role}'s {limit} positions "
+                    f"seq_len={seq_len} is beyond the {role}'s {limit} positions "
                     f"(max_position_embeddings); use seq_len <= {limit}"
                 )
+
+    def _check_weights(self, action: str) -> None:
+        """NaN/inf anywhere in the weights is named before generating or evaluating (checked once)."""
+        if not getattr(self, "_weights_finite", False):
+            check_finite_weights(self.model, action)
+            self._weights_finite = True
+
+    def _check_fit(self, config: Any, train_data: Any, eval_data: Any) -> None:
+        """What can be seen before training starts: positions of every base model, token ids in range."""
+        self._check_positions(config.seq_len)
+        check_finite_weights(self.model, "train")
         vocab = vocab_size(self.model)
         for name, data in (("train_data", train_data), ("eval_data", eval_data)):
             check_data_file(data)
             check_token_ids(data, vocab, name)
+            check_tokenizer_on_text(self.tokenizer, data, name, packing=config.packing, text_field=config.text_field)
             if getattr(self.model, "is_cross_tokenizer", False):
                 from .strategies.calm.xtok import check_text_data
 
@@ -410,6 +432,10 @@ class Composer:
         """Loss and perplexity of the composed model on ``eval_data`` (same forms as ``fit``)."""
         from .evaluate import evaluate_loss
 
+        check_eval_batch_size(batch_size)
+        if seq_len is not None:
+            self._check_positions(seq_len)
+        self._check_weights("evaluate")
         return evaluate_loss(self, eval_data, batch_size=batch_size, seq_len=seq_len, **kwargs)
 
     @torch.no_grad()
@@ -422,6 +448,7 @@ class Composer:
         Composer's tokenizer is passed when it has one), streamers, ``return_dict_in_generate``.
         """
         validate_generate_inputs(input_ids, attention_mask, vocab=vocab_size(self.model))
+        self._check_weights("generate")
         kwargs = validate_generate_options(
             kwargs, prompt_length=input_ids.shape[-1], max_positions=arch.max_positions(self.model.config)
         )

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -122,6 +123,20 @@ def check_writable_target(path: str | os.PathLike, *, overwrite: bool = False, w
         )
 
 
+def check_replaceable(path: str | os.PathLike, *, what: str = "output") -> None:
+    """Refuse to replace a directory the user made read-only (no write permission for anyone).
+
+    The swap of :func:`atomic_directory` only needs the parent to be writable, so without this
+    check a ``chmod a-w`` folder would be replaced all the same.
+    """
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
+    if path.is_dir() and not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise OutputError(
+            f"{what} {path} is read-only: compose will not replace it; make it writable (chmod u+w) or "
+            "write somewhere else"
+        )
+
+
 # ---------------------------------------------------------------------------- atomic directories
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
@@ -208,8 +223,11 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, what: 
     ``path`` that compose did not write are kept (carried into the new directory).
     """
     path = Path(path)
+    if path.is_symlink():  # write into the link's target: the link itself stays as the user made it
+        path = path.resolve()
     recover_directory(path)
     check_writable_target(path, overwrite=overwrite, what=what)
+    check_replaceable(path, what=what)
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = path.parent / f".{path.name}.tmp-{tag}"

@@ -50,6 +50,7 @@ from transformers import PreTrainedModel
 from . import arch
 from .data import IGNORE, TokenBlocks, build_blocks, check_cache_dir, stream_blocks
 from .evaluate import eval_loss_sums
+from .guards import check_batch_fits
 from .io import atomic_directory, read_json, write_json
 from .resume import check_fingerprints, check_resume_settings, data_fingerprint, model_fingerprint
 
@@ -156,6 +157,11 @@ class TrainConfig:
             setattr(self, name, value)
         if self.resume and self.output_dir is None and not isinstance(self.resume, str):
             raise ValueError("resume=True needs output_dir (where the checkpoints are)")
+        if self.save_every and self.output_dir is None:
+            raise ValueError(
+                f"save_every={self.save_every} writes checkpoints into output_dir, which is not set: pass "
+                "output_dir=... or leave save_every at 0 (nothing is written without output_dir)"
+            )
         self.adam_betas = tuple(self.adam_betas)
 
     @classmethod
@@ -294,6 +300,11 @@ def _low_precision(model: nn.Module) -> torch.dtype | None:
 
 
 def _resolve_mixed_precision(value: str) -> str:
+    if value == "fp16" and not torch.cuda.is_available():
+        raise ValueError(
+            "mixed_precision='fp16' needs a CUDA GPU: on this machine accelerate would quietly train in fp32. "
+            "Use mixed_precision='bf16' (autocast on CPU) or 'no'"
+        )
     if value != "auto":
         return value
     if torch.cuda.is_available():
@@ -562,6 +573,8 @@ def train(
     resume_from = _resume_candidates(config)
     prints = model_fingerprint(model) if config.output_dir is not None else {}
     run = _setup(model, train_data, eval_data, config, tokenizer, desc)
+    if isinstance(run.batches, _OrderedBatches):
+        check_batch_fits(len(run.batches.blocks), config.batch_size, run.world, config.seq_len)
     if prints and isinstance(run.batches, _OrderedBatches):
         prints.update(data_fingerprint(run.batches.blocks, train_data))
     run.fingerprints = prints
