@@ -417,7 +417,7 @@ class Composer:
     def _check_fit(self, config: Any, train_data: Any, eval_data: Any) -> None:
         """What can be seen before training starts: positions of every base model, token ids in range."""
         self._check_positions(config.seq_len)
-        check_finite_weights(self.model, "train")
+        check_finite_weights(self.model, "train", trainable=False)
         vocab = vocab_size(self.model)
         for name, data in (("train_data", train_data), ("eval_data", eval_data)):
             check_data_file(data)

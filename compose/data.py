@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
 
+from .longdoc import CONTINUES, PIECE, encode_bounded, split_long_records, txt_records
+
 __all__ = [
     "IGNORE",
     "PACK_GROUP",
@@ -211,7 +213,7 @@ class _Tokenize:
         self.arrow_out = arrow_out
         self.eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
 
-    def _encode(self, texts: list[str], special: bool, where: list[int]) -> list[list[int]]:
+    def _encode(self, texts: list[str], special: bool, where: list[int], flags=None) -> list[list[int]]:
         if not texts:
             return []
         if self.tokenizer is None:
@@ -219,24 +221,26 @@ class _Tokenize:
                 f"record {where[0]} holds text but no tokenizer is known: pass tokenizer= to Composer, save the "
                 "tokenizer beside the model, or give records with 'input_ids'"
             )
-        # only the ids: no attention mask or token type ids to build and convert
-        out = self.tokenizer(
-            texts, add_special_tokens=special, return_attention_mask=False, return_token_type_ids=False
-        )
-        return out["input_ids"]
+        # bounded tokenizer calls: a long text is encoded in pieces (compose.longdoc)
+        return encode_bounded(self.tokenizer, texts, special if flags is None else flags)
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> Any:
         texts = batch.get(self.text_field)
         others = (batch.get(k) for k in ("input_ids", "prompt", "completion"))
         if texts is not None and None not in texts and not any(v is not None for c in others if c for v in c):
-            return self._texts(texts, indices)
+            return self._texts(texts, indices, batch.get(CONTINUES), batch.get(PIECE))
         return self._records(batch, indices)
 
-    def _texts(self, texts: list[str], indices: list[int]) -> Any:
-        """Plain-text records: one tokenizer call, EOS appended with numpy, labels left null (= input_ids)."""
+    def _texts(self, texts: list[str], indices: list[int], continues=None, piece=None) -> Any:
+        """Plain-text records: one tokenizer call, EOS appended with numpy, labels left null (= input_ids).
+
+        Pieces of a long document (``continues`` / ``piece``, see :mod:`compose.longdoc`): special
+        tokens on the first piece only, EOS after the last only.
+        """
         import pyarrow as pa
 
-        enc = self._encode(list(texts), True, indices)
+        flags = None if continues is None else [(p == 0, not c) for p, c in zip(piece, continues)]
+        enc = self._encode(list(texts), True, indices, flags)
         lengths = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
         flat = np.fromiter(itertools.chain.from_iterable(enc), dtype=np.int64, count=int(lengths.sum()))
         ends = np.cumsum(lengths)
@@ -244,6 +248,8 @@ class _Tokenize:
         if self.eos is not None:
             last = np.where(lengths > 0, flat[np.maximum(ends - 1, 0)] if flat.size else -1, -1)
             add = (lengths == 0) | (last != self.eos)
+            if continues is not None:
+                add &= ~np.asarray(continues, dtype=bool)
         offsets = np.zeros(len(enc) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(lengths + add)
         values = np.empty(int(offsets[-1]), dtype=np.int64)
@@ -489,7 +495,11 @@ def build_blocks(
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     num_proc = check_num_proc(num_proc)
     cache_dir = check_cache_dir(cache_dir)
-    records = load_records(source, split=split, text_field=text_field, cache_dir=cache_dir)
+    records = txt_records(source, text_field, cache_dir) if packing else None
+    if records is None:
+        records = load_records(source, split=split, text_field=text_field, cache_dir=cache_dir)
+    if packing:  # a text longer than LONG_CHARS becomes pieces: memory does not follow one document
+        records = split_long_records(records, text_field)
     if len(records) == 0:
         raise ValueError("the dataset is empty: no records to train or evaluate on")
     num_proc = min(num_proc, len(records)) if num_proc else None
@@ -606,7 +616,9 @@ def stream_blocks(
 
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-    ds = load_records(source, split=split, text_field=text_field, streaming=True)
+    ds = txt_records(source, text_field, None, streaming=True) if packing else None
+    if ds is None:
+        ds = load_records(source, split=split, text_field=text_field, streaming=True)
     columns = _stream_columns(ds)
     if text_field not in columns and "input_ids" not in columns and not {"prompt", "completion"} <= set(columns):
         raise ValueError(
@@ -621,6 +633,9 @@ def stream_blocks(
         )
     if world > 1:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world)
+    if packing and text_field in columns and PIECE not in columns:
+        ds = split_long_records(ds, text_field, streaming=True)
+        columns = [*columns, PIECE, CONTINUES]
 
     def make(epoch: int):
         tokenized = ds.map(

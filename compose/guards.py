@@ -63,9 +63,13 @@ def first_nonfinite(model: nn.Module, *, trainable: bool | None = None) -> str |
     return None
 
 
-def check_finite_weights(model: nn.Module, action: str) -> None:
-    """Refuse to ``action`` (train, generate, evaluate) a model whose weights hold NaN/inf, naming the tensor."""
-    bad = first_nonfinite(model)
+def check_finite_weights(model: nn.Module, action: str, *, trainable: bool | None = None) -> None:
+    """Refuse to ``action`` (train, generate, evaluate) a model whose weights hold NaN/inf, naming the tensor.
+
+    ``trainable=False`` looks at the frozen weights only (``fit``: a non-finite trainable weight is
+    caught by the loop's own guard, naming the step).
+    """
+    bad = first_nonfinite(model, trainable=trainable)
     if bad is not None:
         frozen = not dict(model.named_parameters())[bad].requires_grad
         kind = "frozen (anchor or augmenting) weight" if frozen else "trainable weight"
