@@ -19,6 +19,8 @@ from .guards import (
     check_causal_lm,
     check_eval_batch_size,
     check_finite_weights,
+    check_not_meta,
+    check_text_records,
     check_tokenizer_on_text,
 )
 from .io import (
@@ -105,6 +107,20 @@ def load_model(
     return model, src
 
 
+def _check_meta(path: Path, meta: Any) -> None:
+    """``compose.json`` must be an object naming the strategy, its options and its saved state."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, not the object Composer.save writes")
+    expected = {"strategy": str, "options": dict, "state": dict}
+    for key, kind in expected.items():
+        if not isinstance(meta.get(key), kind):
+            found = "is missing" if key not in meta else f"is {meta[key]!r:.40}"
+            raise ValueError(
+                f"{path}: {key!r} {found}; expected a {kind.__name__}. The file was edited or damaged: restore "
+                "it as Composer.save wrote it"
+            )
+
+
 def _is_calm_directory(directory: Path) -> bool:
     config = directory / "config.json"
     return config.is_file() and read_json(config).get("model_type") == "compose_calm"
@@ -112,6 +128,11 @@ def _is_calm_directory(directory: Path) -> bool:
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise OptionError(
+                f"dtype={dtype} is not accepted; expected a floating-point dtype: torch.float32, torch.bfloat16 or "
+                "torch.float16 (or 'float32', 'bfloat16', 'float16'); quantized loading goes through from_pretrained"
+            )
         return dtype
     names = {
         "float32": torch.float32,
@@ -420,7 +441,8 @@ class Composer:
         check_finite_weights(self.model, "train", trainable=False)
         vocab = vocab_size(self.model)
         for name, data in (("train_data", train_data), ("eval_data", eval_data)):
-            check_data_file(data)
+            check_data_file(data, config.text_field)
+            check_text_records(data, name, config.text_field)
             check_token_ids(data, vocab, name)
             check_tokenizer_on_text(self.tokenizer, data, name, packing=config.packing, text_field=config.text_field)
             if getattr(self.model, "is_cross_tokenizer", False):
@@ -433,6 +455,8 @@ class Composer:
         from .evaluate import evaluate_loss
 
         check_eval_batch_size(batch_size)
+        check_data_file(eval_data, kwargs.get("text_field", "text"))
+        check_text_records(eval_data, "eval_data", kwargs.get("text_field", "text"))
         if seq_len is not None:
             self._check_positions(seq_len)
         self._check_weights("evaluate")
@@ -477,6 +501,7 @@ class Composer:
         directory = Path(directory)
         if not isinstance(overwrite, bool):
             raise OptionError(f"overwrite={overwrite!r} is not accepted; expected true/false")
+        check_not_meta(self.model, f"save {directory}")
         bad = [n for n, p in self.trainable_parameters().items() if not torch.isfinite(p.detach()).all()]
         if bad:
             raise ValueError(
@@ -530,6 +555,7 @@ class Composer:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: it was not written by Composer.save")
         meta = read_json(meta_path)
+        _check_meta(meta_path, meta)
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"{meta_path} has format {meta.get('format')!r}; this compose reads {FORMAT_VERSION}")
         self = cls.__new__(cls)
@@ -551,6 +577,11 @@ class Composer:
             loaded = [load_model(a, copy_model=copy_model, dtype=dtype) for a in aug_srcs]
             augments = [m for m, _ in loaded]
             self.augment_sources = [s for _, s in loaded]
+        if self.strategy.saves_full_model and not (directory / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{directory} has no config.json: the saved model is incomplete (deleted or not copied); "
+                "save it again, or copy the whole directory"
+            )
         self.model = self.strategy.load(directory, meta.get("state", {}), anchor_model, augments)
         if dtype is not None and anchor_model is None:
             self.model.to(dtype=_as_dtype(dtype))

@@ -183,6 +183,12 @@ class _NonBlank:
 
 def _explain_file_error(path: Path, error: Exception) -> Exception:
     """Name the file (and for JSON Lines the line) that ``datasets`` could not read."""
+    from .validation import check_data_file
+
+    try:  # empty, not UTF-8, a line that is not a JSON object: named with its line
+        check_data_file(path)
+    except ValueError as e:
+        return e
     cause = error
     while cause.__cause__ is not None or cause.__context__ is not None:
         if isinstance(cause, UnicodeDecodeError):
@@ -216,6 +222,10 @@ class _Tokenize:
     def _encode(self, texts: list[str], special: bool, where: list[int], flags=None) -> list[list[int]]:
         if not texts:
             return []
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            value = texts[bad]
+            raise ValueError(f"record {where[bad]} holds {value!r:.40} ({type(value).__name__}) where text is expected")
         if self.tokenizer is None:
             raise ValueError(
                 f"record {where[0]} holds text but no tokenizer is known: pass tokenizer= to Composer, save the "
@@ -501,7 +511,8 @@ def build_blocks(
     if packing:  # a text longer than LONG_CHARS becomes pieces: memory does not follow one document
         records = split_long_records(records, text_field)
     if len(records) == 0:
-        raise ValueError("the dataset is empty: no records to train or evaluate on")
+        what = str(source) if isinstance(source, str | os.PathLike) else "the dataset"
+        raise ValueError(f"{what} is empty: no records to train or evaluate on")
     num_proc = min(num_proc, len(records)) if num_proc else None
     tokenize, pack = _Tokenize(tokenizer, text_field, mask_prompt), _Pack(seq_len, packing, reset_position_ids)
     packed_features = _features(reset_position_ids, packed=True)

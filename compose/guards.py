@@ -9,6 +9,7 @@ a tokenizer with no EOS to separate packed documents), and on the size of the da
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import warnings
@@ -25,6 +26,7 @@ __all__ = [
     "first_nonfinite",
     "check_finite_weights",
     "check_tokenizer_on_text",
+    "check_text_records",
     "check_batch_fits",
     "check_eval_batch_size",
 ]
@@ -63,12 +65,23 @@ def first_nonfinite(model: nn.Module, *, trainable: bool | None = None) -> str |
     return None
 
 
+def check_not_meta(model: nn.Module, action: str) -> None:
+    """A model built on the ``meta`` device has shapes but no values: name a tensor and what to do."""
+    meta = next((n for n, p in itertools.chain(model.named_parameters(), model.named_buffers()) if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(
+            f"cannot {action}: the model's weights are on the meta device (shapes without values, e.g. {meta}); "
+            "load real weights first (from_pretrained, or to_empty() then load_state_dict) before composing"
+        )
+
+
 def check_finite_weights(model: nn.Module, action: str, *, trainable: bool | None = None) -> None:
     """Refuse to ``action`` (train, generate, evaluate) a model whose weights hold NaN/inf, naming the tensor.
 
     ``trainable=False`` looks at the frozen weights only (``fit``: a non-finite trainable weight is
     caught by the loop's own guard, naming the step).
     """
+    check_not_meta(model, action)
     bad = first_nonfinite(model, trainable=trainable)
     if bad is not None:
         frozen = not dict(model.named_parameters())[bad].requires_grad
@@ -159,6 +172,19 @@ def check_tokenizer_on_text(tokenizer: Any, data: Any, name: str, *, packing: bo
         "this text, or clean the data",
         stacklevel=4,
     )
+
+
+def check_text_records(data: Any, name: str, text_field: str = "text") -> None:
+    """In a list of records, the text fields must hold strings (``{"text": 123}`` names the record)."""
+    if not isinstance(data, (list, tuple)):
+        return
+    for i, record in enumerate(data):
+        if not isinstance(record, dict):
+            continue
+        for key in dict.fromkeys((text_field, "prompt", "completion")):
+            value = record.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name}[{i}]: {key!r} is {value!r:.40} ({type(value).__name__}); expected a string")
 
 
 # ---------------------------------------------------------------------------- sizes

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import os
 import shutil
@@ -238,8 +239,11 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, what: 
             _carry_over(path, tmp)
         ours = sorted(p.name for p in tmp.iterdir() if p.name not in _foreign_names(path))
         write_json(tmp / MARKER, {"files": ours, "written_by": "compose"})
-    except BaseException:
+    except BaseException as e:
+        full = _disk_full_error(e, tmp, path)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from e
         raise
     old = None
     if path.exists():
@@ -248,6 +252,21 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, what: 
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _disk_full_error(error: BaseException, tmp: Path, path: Path) -> OSError | None:
+    """A full disk, named with the file being written (safetensors' own error names none)."""
+    text = str(error)
+    if not (getattr(error, "errno", None) == errno.ENOSPC or "StorageFull" in text or "No space left" in text):
+        return None
+    files = [p for p in tmp.rglob("*") if p.is_file()]
+    newest = max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+    where = f"{newest.relative_to(tmp)} of {path}" if newest is not None else str(path)
+    return OSError(
+        errno.ENOSPC,
+        f"the disk is full: writing {where} failed; nothing was replaced (the previous {path.name} is intact). "
+        f"Free some space on {path.parent} and run again",
+    )
 
 
 def _foreign_names(path: Path) -> set[str]:

@@ -586,6 +586,11 @@ class BlockExpand(Strategy):
 
     def load(self, directory, state, anchor, augments) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto")
+        if not isinstance(state.get("inserted"), list):
+            raise ValueError(
+                f"{directory}/compose.json has no state.inserted (the positions of the new blocks): the file was "
+                "edited or damaged; restore it as Composer.save wrote it"
+            )
         self.inserted = [int(i) for i in state["inserted"]]
         n = arch.num_layers(model)
         if any(not 0 <= i < n for i in self.inserted):
