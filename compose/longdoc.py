@@ -139,9 +139,13 @@ def _has_long_paragraph(path: Path) -> bool:
     tail = b""
     with open(path, "rb") as f:
         while chunk := f.read(_READ_CHARS):
-            data = (tail + chunk).replace(b"\r\n", b"\n")
-            at = data.rfind(b"\n\n")
-            run = len(data) - at - 2 if at >= 0 else run + len(chunk)
+            parts = (tail + chunk).replace(b"\r\n", b"\n").split(b"\n\n")
+            if len(parts) == 1:
+                run += len(chunk)
+            elif run + len(parts[0]) > LONG_CHARS or any(len(p) > LONG_CHARS for p in parts[1:-1]):
+                return True
+            else:
+                run = len(parts[-1])
             if run > LONG_CHARS:
                 return True
             tail = chunk[-3:]
