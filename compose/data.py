@@ -19,6 +19,8 @@ Everything runs through ``datasets``: one batched ``map`` tokenizes each group o
 second ``map`` in this one, which cuts the same groups. Files are read with ``datasets``'
 own builders, so the maps are cached by fingerprint next to the Arrow files and a second
 run with the same data, tokenizer and settings reuses them. Token ids never live in Python lists beyond one batch of documents.
+A text longer than :data:`compose.longdoc.LONG_CHARS` is read, tokenized and packed in bounded pieces
+(:mod:`compose.longdoc`), so memory does not follow one document's size either.
 
 Packing (``packing=True``, the default) joins the documents of each group of
 :data:`PACK_GROUP` documents, each followed by EOS, and cuts the stream into ``seq_len``
