@@ -478,6 +478,8 @@ def check_data_file(path: Any, text_field: str = "text") -> None:
         return
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset, content = 0, False
+    if suffix == ".txt":  # read in blocks: one line may be a whole (huge) document
+        return _check_text_file(p, decoder)
     with open(p, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
@@ -494,6 +496,23 @@ def check_data_file(path: Any, text_field: str = "text") -> None:
                     raise ValueError(f"{p}:{number}: not a JSON record ({e.msg} at column {e.colno})") from None
                 _check_json_record(p, number, record, text_field)
             offset += len(raw)
+    if not content:
+        raise ValueError(f"{p} is empty: it holds no text to train or evaluate on")
+
+
+def _check_text_file(p: Any, decoder: Any) -> None:
+    offset, lines, content = 0, 1, False
+    with open(p, "rb") as f:
+        while raw := f.read(1 << 20):
+            try:
+                text = decoder.decode(raw)
+            except UnicodeDecodeError as e:
+                line = lines + raw[: e.start].count(b"\n")
+                raise ValueError(
+                    f"{p}: not UTF-8 text at byte {offset + e.start} (line {line}); re-save the file as UTF-8"
+                ) from None
+            content = content or bool(text.strip())
+            offset, lines = offset + len(raw), lines + raw.count(b"\n")
     if not content:
         raise ValueError(f"{p} is empty: it holds no text to train or evaluate on")
 
