@@ -246,6 +246,9 @@ def _cmd_eval(args) -> int:
 
     check_eval_batch_size(args.batch_size)
     composer = load_output(args.dir)
+    if args.seq_len is not None:
+        composer._check_positions(args.seq_len)
+    composer._check_weights("evaluate")
     results: dict[str, Any] = {}
     if args.data:
         results["perplexity"] = perplexity_report(

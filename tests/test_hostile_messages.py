@@ -164,3 +164,9 @@ def test_full_disk_names_the_file(expand, tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"the disk is full: writing model.safetensors of .*out failed; nothing"):
         expand.save(first)
     assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == before
+
+
+def test_cli_eval_seq_len_beyond_positions(saved, tmp_path, capsys):
+    (tmp_path / "d.txt").write_text("some text here\n")
+    assert cli_main(["eval", str(saved), "--data", str(tmp_path / "d.txt"), "--seq-len", "4096"]) == 1
+    assert "seq_len=4096 is beyond the model's 128 positions" in capsys.readouterr().err
