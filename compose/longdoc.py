@@ -69,19 +69,13 @@ def split_text(text: str, size: int | None = None) -> list[str]:
     return pieces
 
 
-_AFFIXES: dict[int, tuple[list[int], list[int]]] = {}
-
-
 def special_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
     """The ids the tokenizer puts before and after a text when ``add_special_tokens=True`` (e.g. BOS)."""
-    key = id(tokenizer)
-    if key not in _AFFIXES:
-        probe = "a"
-        bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
-        full = tokenizer(probe, add_special_tokens=True)["input_ids"]
-        at = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), 0)
-        _AFFIXES[key] = (list(full[:at]), list(full[at + len(bare) :]))
-    return _AFFIXES[key]
+    probe = "a"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    at = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), 0)
+    return list(full[:at]), list(full[at + len(bare) :])
 
 
 def _calls(indices: list[int], texts: list[str], limit: int) -> Iterator[list[int]]:
