@@ -185,12 +185,6 @@ class _NonBlank:
 
 def _explain_file_error(path: Path, error: Exception) -> Exception:
     """Name the file (and for JSON Lines the line) that ``datasets`` could not read."""
-    from .validation import check_data_file
-
-    try:  # empty, not UTF-8, a line that is not a JSON object: named with its line
-        check_data_file(path)
-    except ValueError as e:
-        return e
     cause = error
     while cause.__cause__ is not None or cause.__context__ is not None:
         if isinstance(cause, UnicodeDecodeError):
@@ -209,6 +203,12 @@ def _explain_file_error(path: Path, error: Exception) -> Exception:
                         json.loads(line)
                     except json.JSONDecodeError as e:
                         return ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})")
+    from .validation import check_data_file
+
+    try:  # empty, a line that is not a JSON object, a text that is not a string: named with its line
+        check_data_file(path)
+    except ValueError as e:
+        return e
     return ValueError(f"could not read {path} ({type(error).__name__}: {error})")
 
 

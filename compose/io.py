@@ -259,13 +259,17 @@ def _disk_full_error(error: BaseException, tmp: Path, path: Path) -> OSError | N
     text = str(error)
     if not (getattr(error, "errno", None) == errno.ENOSPC or "StorageFull" in text or "No space left" in text):
         return None
-    files = [p for p in tmp.rglob("*") if p.is_file()]
-    newest = max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
-    where = f"{newest.relative_to(tmp)} of {path}" if newest is not None else str(path)
+    named = getattr(error, "filename", None)
+    if named:
+        newest = Path(named)
+    else:  # the file being written is the newest one in the temporary folder
+        files = [p for p in tmp.rglob("*") if p.is_file()]
+        newest = max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+    where = f"{newest.name} of {path}" if newest is not None else str(path)
     return OSError(
         errno.ENOSPC,
-        f"the disk is full: writing {where} failed; nothing was replaced (the previous {path.name} is intact). "
-        f"Free some space on {path.parent} and run again",
+        f"the disk is full (No space left on device): writing {where} failed; nothing was replaced (the previous "
+        f"{path.name} is intact). Free some space on {path.parent} and run again",
     )
 
 

@@ -161,7 +161,10 @@ def test_full_disk_names_the_file(expand, tmp_path, monkeypatch):
         )
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
-    with pytest.raises(OSError, match=r"the disk is full: writing model.safetensors of .*out failed; nothing"):
+    with pytest.raises(
+        OSError,
+        match=r"the disk is full \(No space left on device\): writing model.safetensors of .*out failed; nothing",
+    ):
         expand.save(first)
     assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == before
 
@@ -170,3 +173,16 @@ def test_cli_eval_seq_len_beyond_positions(saved, tmp_path, capsys):
     (tmp_path / "d.txt").write_text("some text here\n")
     assert cli_main(["eval", str(saved), "--data", str(tmp_path / "d.txt"), "--seq-len", "4096"]) == 1
     assert "seq_len=4096 is beyond the model's 128 positions" in capsys.readouterr().err
+
+
+def test_full_disk_names_the_file_the_error_names(expand, tmp_path, monkeypatch):
+    import compose.io as cio
+
+    first = expand.save(tmp_path / "out")
+
+    def full(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(cio, "write_text", full)
+    with pytest.raises(OSError, match=r"writing compose.json of .*out failed"):
+        expand.save(first)
