@@ -101,7 +101,7 @@ def test_hand_edited_inserted_blocks_are_refused(expand, tmp_path):
 
 def test_in_memory_augment_tokenizer_assumption_is_said(anchor):
     with pytest.warns(UserWarning, match="augmenting model 0 has no tokenizer beside it.*augment_tokenizer="):
-        Composer(anchor, tiny_model("llama", seed=1), strategy="calm", every=2)
+        Composer(anchor, tiny_model("llama", seed=1), strategy="calm", every=2, tokenizer=tiny_tokenizer())
 
 
 def test_a_symlinked_save_directory_stays_a_link(expand, tmp_path):

@@ -87,7 +87,7 @@ class Calm(Strategy):
         records: list[dict[str, Any] | None] = [None] * len(augments)
         for i, aug in enumerate(augments):
             tok = given[i] if given is not None and given[i] is not None else _local_tokenizer(aug)
-            if tok is None and aug.config.vocab_size == anchor.config.vocab_size:
+            if tok is None and anchor_tok is not None and aug.config.vocab_size == anchor.config.vocab_size:
                 warnings.warn(
                     f"compose: augmenting model {i} has no tokenizer beside it and none was given, so it is assumed "
                     f"to read the anchor's token ids (both have {aug.config.vocab_size} tokens). If it was trained "
