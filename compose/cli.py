@@ -282,7 +282,13 @@ def _cmd_eval(args) -> int:
 
     if not (args.data or args.exact_match or args.lm_eval):
         raise ValueError("nothing to evaluate: give --data, --exact-match or --lm-eval (see compose eval --help)")
+    from .guards import check_eval_batch_size
+
+    check_eval_batch_size(args.batch_size)
     composer = load_output(args.dir)
+    if args.seq_len is not None:
+        composer._check_positions(args.seq_len)
+    composer._check_weights("evaluate")
     results: dict[str, Any] = {}
     if args.data:
         results["perplexity"] = perplexity_report(

@@ -16,10 +16,18 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from . import __version__, arch
 from .gguf import gguf_folder, is_gguf
+from .guards import (
+    check_causal_lm,
+    check_finite_weights,
+    check_not_meta,
+    check_text_records,
+    check_tokenizer_on_text,
+)
 from .io import (
     LOCK_NAME,
     RUN_MARKER,
     atomic_directory,
+    check_replaceable,
     check_safetensors,
     mark_complete,
     output_lock,
@@ -104,6 +112,20 @@ def load_model(
     return model, src
 
 
+def _check_meta(path: Path, meta: Any) -> None:
+    """``compose.json`` must be an object naming the strategy, its options and its saved state."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a JSON {type(meta).__name__}, not the object Composer.save writes")
+    expected = {"strategy": str, "options": dict, "state": dict}
+    for key, kind in expected.items():
+        if not isinstance(meta.get(key), kind):
+            found = "is missing" if key not in meta else f"is {meta[key]!r:.40}"
+            raise ValueError(
+                f"{path}: {key!r} {found}; expected a {kind.__name__}. The file was edited or damaged: restore "
+                "it as Composer.save wrote it"
+            )
+
+
 def _is_calm_directory(directory: Path) -> bool:
     config = directory / "config.json"
     return config.is_file() and read_json(config).get("model_type") == "compose_calm"
@@ -111,6 +133,11 @@ def _is_calm_directory(directory: Path) -> bool:
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise OptionError(
+                f"dtype={dtype} is not accepted; expected a floating-point dtype: torch.float32, torch.bfloat16 or "
+                "torch.float16 (or 'float32', 'bfloat16', 'float16'); quantized loading goes through from_pretrained"
+            )
         return dtype
     names = {
         "float32": torch.float32,
@@ -253,11 +280,13 @@ class Composer:
         self.strategy = strategy_cls(config)
         anchor, anchor_kwargs = self._resolve_source(anchor, "anchor")
         anchor_model, self.anchor_source = load_model(anchor, copy_model=copy_model, dtype=dtype, **anchor_kwargs)
+        check_causal_lm(anchor_model, "anchor")
         check_strategy_against_model(self.strategy_name, config, anchor_model.config)
         loaded = []
-        for a in augments_in:
+        for i, a in enumerate(augments_in):
             a, kwargs = self._resolve_source(a, "augment")
             loaded.append(load_model(a, copy_model=copy_model, dtype=dtype, **kwargs))
+            check_causal_lm(loaded[-1][0], f"augmenting model {i}")
         augments = [m for m, _ in loaded]
         self.augment_sources = [s for _, s in loaded]
         self._base_configs = [anchor_model.config] + [m.config for m in augments]
@@ -381,6 +410,8 @@ class Composer:
         try:
             with output_lock(out):
                 recover_directory(out / "final")  # a save interrupted between its renames, by an earlier run
+                if config.save_final:
+                    check_replaceable(out / "final", what="the final model directory")
                 prepare_run_directory(out, resume=config.resume, overwrite=config.overwrite_output_dir)
                 self._train(config, train_data, eval_data)
                 if after is not None:
@@ -406,20 +437,32 @@ class Composer:
         )  # fmt: skip
         self.model, self.history = result.model, result.history
 
-    def _check_fit(self, config: Any, train_data: Any, eval_data: Any) -> None:
-        """What can be seen before training starts: positions of every base model, token ids in range."""
+    def _check_positions(self, seq_len: int) -> None:
         configs = getattr(self, "_base_configs", None) or [getattr(self.model, "config", None)]
         for role, cfg in zip(["model"] + [f"augmenting model {i}" for i in range(len(configs) - 1)], configs):
             limit = arch.max_positions(cfg) if cfg is not None else None
-            if limit is not None and config.seq_len > limit:
+            if limit is not None and seq_len > limit:
                 raise OptionError(
-                    f"seq_len={config.seq_len} is beyond the {role}'s {limit} positions "
+                    f"seq_len={seq_len} is beyond the {role}'s {limit} positions "
                     f"(max_position_embeddings); use seq_len <= {limit}"
                 )
+
+    def _check_weights(self, action: str) -> None:
+        """NaN/inf anywhere in the weights is named before generating or evaluating (checked once)."""
+        if not getattr(self, "_weights_finite", False):
+            check_finite_weights(self.model, action)
+            self._weights_finite = True
+
+    def _check_fit(self, config: Any, train_data: Any, eval_data: Any) -> None:
+        """What can be seen before training starts: positions of every base model, token ids in range."""
+        self._check_positions(config.seq_len)
+        check_finite_weights(self.model, "train", trainable=False)
         vocab = vocab_size(self.model)
         for name, data in (("train_data", train_data), ("eval_data", eval_data)):
-            check_data_file(data)
+            check_data_file(data, config.text_field)
+            check_text_records(data, name, config.text_field)
             check_token_ids(data, vocab, name)
+            check_tokenizer_on_text(self.tokenizer, data, name, packing=config.packing, text_field=config.text_field)
             if getattr(self.model, "is_cross_tokenizer", False):
                 from .strategies.calm.xtok import check_text_data
 
@@ -429,6 +472,9 @@ class Composer:
         """Loss and perplexity of the composed model on ``eval_data`` (same forms as ``fit``)."""
         from .evaluate import evaluate_loss
 
+        check_data_file(eval_data, kwargs.get("text_field", "text"))
+        check_text_records(eval_data, "eval_data", kwargs.get("text_field", "text"))
+        self._check_weights("evaluate")  # batch size and positions: evaluate_loss
         return evaluate_loss(self, eval_data, batch_size=batch_size, seq_len=seq_len, **kwargs)
 
     @torch.no_grad()
@@ -441,6 +487,7 @@ class Composer:
         Composer's tokenizer is passed when it has one), streamers, ``return_dict_in_generate``.
         """
         validate_generate_inputs(input_ids, attention_mask, vocab=vocab_size(self.model))
+        self._check_weights("generate")
         kwargs = validate_generate_options(
             kwargs, prompt_length=input_ids.shape[-1], max_positions=arch.max_positions(self.model.config)
         )
@@ -479,6 +526,7 @@ class Composer:
         if not isinstance(overwrite, bool):
             raise OptionError(f"overwrite={overwrite!r} is not accepted; expected true/false")
         max_shard_size = check_shard_size(max_shard_size)
+        check_not_meta(self.model, f"save {directory}")
         bad = [n for n, p in self.trainable_parameters().items() if not torch.isfinite(p.detach()).all()]
         if bad:
             raise ValueError(
@@ -566,6 +614,7 @@ class Composer:
         if not meta_path.is_file():
             raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}: it was not written by Composer.save")
         meta = read_json(meta_path)
+        _check_meta(meta_path, meta)
         if meta.get("format") != FORMAT_VERSION:
             raise ValueError(f"{meta_path} has format {meta.get('format')!r}; this compose reads {FORMAT_VERSION}")
         self = cls.__new__(cls)
@@ -588,6 +637,11 @@ class Composer:
             loaded = [load_model(a, copy_model=copy_model, dtype=dtype) for a in aug_srcs]
             augments = [m for m, _ in loaded]
             self.augment_sources = [s for _, s in loaded]
+        if self.strategy.saves_full_model and not (directory / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{directory} has no config.json: the saved model is incomplete (deleted or not copied); "
+                "save it again, or copy the whole directory"
+            )
         self.model = self.strategy.load(directory, meta.get("state", {}), anchor_model, augments)
         if dtype is not None and anchor_model is None:
             self.model.to(dtype=_as_dtype(dtype))

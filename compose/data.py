@@ -19,6 +19,8 @@ Everything runs through ``datasets``: one batched ``map`` tokenizes each group o
 second ``map`` in this one, which cuts the same groups. Files are read with ``datasets``'
 own builders, so the maps are cached by fingerprint next to the Arrow files and a second
 run with the same data, tokenizer and settings reuses them. Token ids never live in Python lists beyond one batch of documents.
+A text longer than :data:`compose.longdoc.LONG_CHARS` is read, tokenized and packed in bounded pieces
+(:mod:`compose.longdoc`), so memory does not follow one document's size either.
 
 Packing (``packing=True``, the default) joins the documents of each group of
 :data:`PACK_GROUP` documents, each followed by EOS, and cuts the stream into ``seq_len``
@@ -45,6 +47,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
+
+from .longdoc import CONTINUES, PIECE, encode_bounded, split_long_records, txt_records
 
 __all__ = [
     "IGNORE",
@@ -262,6 +266,12 @@ def _explain_file_error(path: Path, error: Exception) -> Exception:
                         json.loads(line)
                     except json.JSONDecodeError as e:
                         return ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})")
+    from .validation import check_data_file
+
+    try:  # empty, a line that is not a JSON object, a text that is not a string: named with its line
+        check_data_file(path)
+    except ValueError as e:
+        return e
     return ValueError(f"could not read {path} ({type(error).__name__}: {error})")
 
 
@@ -274,32 +284,38 @@ class _Tokenize:
         self.arrow_out = arrow_out
         self.eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
 
-    def _encode(self, texts: list[str], special: bool, where: list[int]) -> list[list[int]]:
+    def _encode(self, texts: list[str], special: bool, where: list[int], flags=None) -> list[list[int]]:
         if not texts:
             return []
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            value = texts[bad]
+            raise ValueError(f"record {where[bad]} holds {value!r:.40} ({type(value).__name__}) where text is expected")
         if self.tokenizer is None:
             raise ValueError(
                 f"record {where[0]} holds text but no tokenizer is known: pass tokenizer= to Composer, save the "
                 "tokenizer beside the model, or give records with 'input_ids'"
             )
-        # only the ids: no attention mask or token type ids to build and convert
-        out = self.tokenizer(
-            texts, add_special_tokens=special, return_attention_mask=False, return_token_type_ids=False
-        )
-        return out["input_ids"]
+        # bounded tokenizer calls: a long text is encoded in pieces (compose.longdoc)
+        return encode_bounded(self.tokenizer, texts, special if flags is None else flags)
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> Any:
         texts = batch.get(self.text_field)
         others = (batch.get(k) for k in ("input_ids", "prompt", "completion"))
         if texts is not None and None not in texts and not any(v is not None for c in others if c for v in c):
-            return self._texts(texts, indices)
+            return self._texts(texts, indices, batch.get(CONTINUES), batch.get(PIECE))
         return self._records(batch, indices)
 
-    def _texts(self, texts: list[str], indices: list[int]) -> Any:
-        """Plain-text records: one tokenizer call, EOS appended with numpy, labels left null (= input_ids)."""
+    def _texts(self, texts: list[str], indices: list[int], continues=None, piece=None) -> Any:
+        """Plain-text records: one tokenizer call, EOS appended with numpy, labels left null (= input_ids).
+
+        Pieces of a long document (``continues`` / ``piece``, see :mod:`compose.longdoc`): special
+        tokens on the first piece only, EOS after the last only.
+        """
         import pyarrow as pa
 
-        enc = self._encode(list(texts), True, indices)
+        flags = None if continues is None else [(p == 0, not c) for p, c in zip(piece, continues)]
+        enc = self._encode(list(texts), True, indices, flags)
         lengths = np.fromiter(map(len, enc), dtype=np.int64, count=len(enc))
         flat = np.fromiter(itertools.chain.from_iterable(enc), dtype=np.int64, count=int(lengths.sum()))
         ends = np.cumsum(lengths)
@@ -307,6 +323,8 @@ class _Tokenize:
         if self.eos is not None:
             last = np.where(lengths > 0, flat[np.maximum(ends - 1, 0)] if flat.size else -1, -1)
             add = (lengths == 0) | (last != self.eos)
+            if continues is not None:
+                add &= ~np.asarray(continues, dtype=bool)
         offsets = np.zeros(len(enc) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(lengths + add)
         values = np.empty(int(offsets[-1]), dtype=np.int64)
@@ -552,9 +570,14 @@ def build_blocks(
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     num_proc = check_num_proc(num_proc)
     cache_dir = check_cache_dir(cache_dir)
-    records = load_records(source, split=split, text_field=text_field, cache_dir=cache_dir)
+    records = txt_records(source, text_field, cache_dir) if packing else None
+    if records is None:
+        records = load_records(source, split=split, text_field=text_field, cache_dir=cache_dir)
+    if packing:  # a text longer than LONG_CHARS becomes pieces: memory does not follow one document
+        records = split_long_records(records, text_field)
     if len(records) == 0:
-        raise ValueError("the dataset is empty: no records to train or evaluate on")
+        what = str(source) if isinstance(source, str | os.PathLike) else "the dataset"
+        raise ValueError(f"{what} is empty: no records to train or evaluate on")
     num_proc = min(num_proc, len(records)) if num_proc else None
     tokenize, pack = _Tokenize(tokenizer, text_field, mask_prompt), _Pack(seq_len, packing, reset_position_ids)
     packed_features = _features(reset_position_ids, packed=True)
@@ -669,7 +692,9 @@ def stream_blocks(
 
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-    ds = load_records(source, split=split, text_field=text_field, streaming=True)
+    ds = txt_records(source, text_field, None, streaming=True) if packing else None
+    if ds is None:
+        ds = load_records(source, split=split, text_field=text_field, streaming=True)
     columns = _stream_columns(ds)
     if text_field not in columns and "input_ids" not in columns and not {"prompt", "completion"} <= set(columns):
         raise ValueError(
@@ -684,6 +709,9 @@ def stream_blocks(
         )
     if world > 1:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world)
+    if packing and text_field in columns and PIECE not in columns:
+        ds = split_long_records(ds, text_field, streaming=True)
+        columns = [*columns, PIECE, CONTINUES]
 
     def make(epoch: int):
         tokenized = ds.map(

@@ -24,7 +24,9 @@ import torch
 
 from .arch import max_positions as arch_max_positions
 from .data import IGNORE, build_blocks, collate, load_records
+from .guards import check_eval_batch_size
 from .harness import lm_eval
+from .longdoc import encode_bounded
 from .scoring import Document, prefix_tokens, score_documents
 
 if TYPE_CHECKING:
@@ -98,7 +100,7 @@ def _documents(data: Any, tokenizer, text_field: str, prefix: list[int] | None, 
             raise ValueError(
                 f"record {i} holds text but no tokenizer is known: pass tokenizer= to Composer or give 'input_ids'"
             )
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_bounded(tokenizer, [text], False)[0]  # a long document in bounded tokenizer calls
 
     for i, rec in enumerate(records):
         ids = rec.get("input_ids")
@@ -155,16 +157,13 @@ def evaluate_loss(
     ``perplexity``, ``tokens``, ``documents`` and, for text, ``bits_per_byte``,
     ``byte_perplexity``, ``word_perplexity``, ``bytes``, ``words``.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_eval_batch_size(batch_size)
     model = composer.model
-    limit = _model_positions(model)
     if seq_len is None:
-        seq_len = min(limit or 2048, 2048)
+        seq_len = min(_model_positions(model) or 2048, 2048)
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
-    if limit is not None and seq_len > limit:
-        raise ValueError(f"seq_len={seq_len} is beyond the model's position limit ({limit}); use seq_len <= {limit}")
+    composer._check_positions(seq_len)  # every base model's limit, the augmenting ones' too
     if max_documents is None and max_batches is not None:
         max_documents = max_batches * batch_size
     prefix = [prefix_token_id] if isinstance(prefix_token_id, int) else prefix_token_id

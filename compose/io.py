@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import os
 import shutil
 import socket
+import stat
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -122,6 +124,20 @@ def check_writable_target(path: str | os.PathLike, *, overwrite: bool = False, w
         )
 
 
+def check_replaceable(path: str | os.PathLike, *, what: str = "output") -> None:
+    """Refuse to replace a directory the user made read-only (no write permission for anyone).
+
+    The swap of :func:`atomic_directory` only needs the parent to be writable, so without this
+    check a ``chmod a-w`` folder would be replaced all the same.
+    """
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
+    if path.is_dir() and not path.stat().st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise OutputError(
+            f"{what} {path} is read-only: compose will not replace it; make it writable (chmod u+w) or "
+            "write somewhere else"
+        )
+
+
 # ---------------------------------------------------------------------------- atomic directories
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
@@ -208,8 +224,11 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, what: 
     ``path`` that compose did not write are kept (carried into the new directory).
     """
     path = Path(path)
+    if path.is_symlink():  # write into the link's target: the link itself stays as the user made it
+        path = path.resolve()
     recover_directory(path)
     check_writable_target(path, overwrite=overwrite, what=what)
+    check_replaceable(path, what=what)
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = path.parent / f".{path.name}.tmp-{tag}"
@@ -220,8 +239,11 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, what: 
             _carry_over(path, tmp)
         ours = sorted(p.name for p in tmp.iterdir() if p.name not in _foreign_names(path))
         write_json(tmp / MARKER, {"files": ours, "written_by": "compose"})
-    except BaseException:
+    except BaseException as e:
+        full = _disk_full_error(e, tmp, path)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from e
         raise
     old = None
     if path.exists():
@@ -230,6 +252,25 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, what: 
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _disk_full_error(error: BaseException, tmp: Path, path: Path) -> OSError | None:
+    """A full disk, named with the file being written (safetensors' own error names none)."""
+    text = str(error)
+    if not (getattr(error, "errno", None) == errno.ENOSPC or "StorageFull" in text or "No space left" in text):
+        return None
+    named = getattr(error, "filename", None)
+    if named:
+        newest = Path(named)
+    else:  # the file being written is the newest one in the temporary folder
+        files = [p for p in tmp.rglob("*") if p.is_file()]
+        newest = max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+    where = f"{newest.name} of {path}" if newest is not None else str(path)
+    return OSError(
+        errno.ENOSPC,
+        f"the disk is full (No space left on device): writing {where} failed; nothing was replaced (the previous "
+        f"{path.name} is intact). Free some space on {path.parent} and run again",
+    )
 
 
 def _foreign_names(path: Path) -> set[str]:

@@ -50,26 +50,15 @@ from transformers import PreTrainedModel
 from . import arch
 from .data import IGNORE, TokenBlocks, build_blocks, check_cache_dir, stream_blocks
 from .evaluate import eval_loss_sums
+from .guards import check_batch_fits
 from .io import atomic_directory, read_json, write_json
+from .resume import check_fingerprints, check_resume_settings, data_fingerprint, model_fingerprint
 
 __all__ = ["TrainConfig", "TrainResult", "train", "latest_checkpoint", "verify_checkpoint", "CheckpointError"]
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST = "manifest.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-# Fields that fix the data order and the schedule: a resumed run must keep them.
-_RESUME_INVARIANT = (
-    "batch_size",
-    "gradient_accumulation_steps",
-    "seq_len",
-    "seed",
-    "packing",
-    "max_steps",
-    "streaming",
-    "lr_scheduler",
-    "warmup_ratio",
-    "min_lr_ratio",
-)
 
 
 class CheckpointError(ValueError):
@@ -169,6 +158,11 @@ class TrainConfig:
             setattr(self, name, value)
         if self.resume and self.output_dir is None and not isinstance(self.resume, str):
             raise ValueError("resume=True needs output_dir (where the checkpoints are)")
+        if self.save_every and self.output_dir is None:
+            raise ValueError(
+                f"save_every={self.save_every} writes checkpoints into output_dir, which is not set: pass "
+                "output_dir=... or leave save_every at 0 (nothing is written without output_dir)"
+            )
         self.adam_betas = tuple(self.adam_betas)
 
     @classmethod
@@ -307,6 +301,11 @@ def _low_precision(model: nn.Module) -> torch.dtype | None:
 
 
 def _resolve_mixed_precision(value: str) -> str:
+    if value == "fp16" and not torch.cuda.is_available():
+        raise ValueError(
+            "mixed_precision='fp16' needs a CUDA GPU: on this machine accelerate would quietly train in fp32. "
+            "Use mixed_precision='bf16' (autocast on CPU) or 'no'"
+        )
     if value != "auto":
         return value
     if torch.cuda.is_available():
@@ -531,6 +530,8 @@ class _Run:
     saved_step: int = -1
     resumed_from: str | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    """Of the model and the training data, stored in checkpoints (see :mod:`compose.resume`)."""
     trackers: list[str] | None = None
     skeleton: nn.Module | None = None
     upcast: dict[str, torch.dtype] = field(default_factory=dict)
@@ -563,7 +564,13 @@ def train(
     """
     config = config or TrainConfig()
     resume_from = _resume_candidates(config)
+    prints = model_fingerprint(model) if config.output_dir is not None else {}
     run = _setup(model, train_data, eval_data, config, tokenizer, desc)
+    if isinstance(run.batches, _OrderedBatches):
+        check_batch_fits(len(run.batches.blocks), config.batch_size, run.world, config.seq_len)
+    if prints and isinstance(run.batches, _OrderedBatches):
+        prints.update(data_fingerprint(run.batches.blocks, train_data))
+    run.fingerprints = prints
     with _sigint_deferred(run):
         try:
             _resume(run, resume_from)
@@ -888,7 +895,7 @@ def _resume(run: _Run, candidates: list[Path]) -> None:
             damaged.append(str(e))
             warnings.warn(f"compose: skipping damaged checkpoint: {e}; trying the previous one", stacklevel=3)
             continue
-        _check_resume_settings(path, state, config, run.world)
+        check_resume_settings(path, state, config, run.world)
         _load_checkpoint(run, path, state)
         if run.main and run.output_dir is not None:
             _truncate_metrics(run.output_dir / "metrics.jsonl", run.step)
@@ -899,18 +906,8 @@ def _resume(run: _Run, candidates: list[Path]) -> None:
         raise CheckpointError(
             "no usable checkpoint to resume from: " + "; ".join(damaged) + ". Start over with overwrite_output_dir=True"
         )
-
-
-def _check_resume_settings(path: Path, state: dict[str, Any], config: TrainConfig, world: int) -> None:
-    saved = state["config"]
-    changed = [k for k in _RESUME_INVARIANT if k in saved and _jsonable(saved[k]) != _jsonable(getattr(config, k))]
-    if state.get("world_size", 1) != world:
-        changed.append(f"number of processes ({state.get('world_size')} -> {world})")
-    if changed:
-        raise ValueError(
-            f"cannot resume from {path}: these settings differ from the interrupted run: {', '.join(changed)}. "
-            "Resume with the same settings, or start a new output_dir."
-        )
+    if config.resume and run.main and run.output_dir is not None:
+        _truncate_metrics(run.output_dir / "metrics.jsonl", 0)  # starting from step 0: a killed run's lines go
 
 
 def _load_checkpoint(run: _Run, path: Path, state: dict[str, Any]) -> None:
@@ -928,6 +925,7 @@ def _load_checkpoint(run: _Run, path: Path, state: dict[str, Any]) -> None:
             f"checkpoint {path} holds trainable tensors {sorted(set(tensors) ^ names)[:5]} that do not match "
             "the model being trained: was it written by another strategy or model?"
         )
+    check_fingerprints(path, state.get("fingerprints", {}), run.fingerprints)
     optim = _untensor_state(load_file(str(path / "optimizer.safetensors")), read_json(path / "optimizer.json"))
     if run.zero:
         _deepspeed_load(run, tensors, optim)
@@ -1212,6 +1210,7 @@ def _save_checkpoint(run: _Run) -> None:
             "skipped_steps": run.skipped,
             "world_size": run.world,
             "config": run.config.to_dict(),
+            "fingerprints": run.fingerprints,
         }
         with atomic_directory(run.output_dir / CHECKPOINT_DIR / f"step-{run.step:07d}") as tmp:
             _write_checkpoint(tmp, parts)

@@ -373,6 +373,15 @@ def validate_generate_inputs(input_ids: Any, attention_mask: Any = None, *, voca
     """
     if not _is_tensor(input_ids) or input_ids.dim() != 2:
         raise OptionError(f"input_ids must be a 2-d tensor [batch, tokens], got {type(input_ids).__name__}")
+    import torch
+
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise OptionError(f"input_ids must hold integer token ids (torch.long), got {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        raise OptionError(
+            f"input_ids is empty (shape {tuple(input_ids.shape)}): give at least one prompt token per row "
+            "(e.g. the tokenizer's BOS)"
+        )
     check_token_ids(input_ids, vocab, "input_ids")
     if attention_mask is None:
         return
@@ -453,8 +462,9 @@ def check_token_ids(data: Any, vocab: int | None, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------- data files
-def check_data_file(path: Any) -> None:
-    """A local .txt/.jsonl/.json data file must be UTF-8 (and .jsonl one JSON record per line).
+def check_data_file(path: Any, text_field: str = "text") -> None:
+    """A local .txt/.jsonl/.json data file must be UTF-8 and hold some text (and .jsonl one JSON object per
+    line, its ``text_field`` a string).
 
     Read as a stream, so the check costs one pass over the file and no memory; the error
     names the file, the byte offset and the line.
@@ -471,7 +481,9 @@ def check_data_file(path: Any) -> None:
     if suffix not in (".txt", ".jsonl", ".json") or not p.is_file():
         return
     decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
+    offset, content = 0, False
+    if suffix == ".txt":  # read in blocks: one line may be a whole (huge) document
+        return _check_text_file(p, decoder)
     with open(p, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
@@ -480,12 +492,46 @@ def check_data_file(path: Any) -> None:
                 raise ValueError(
                     f"{p}: not UTF-8 text at byte {offset + e.start} (line {number}); re-save the file as UTF-8"
                 ) from None
+            content = content or bool(text.strip())
             if suffix == ".jsonl" and text.strip():
                 try:
-                    json.loads(text)
+                    record = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{p}:{number}: not a JSON record ({e.msg} at column {e.colno})") from None
+                _check_json_record(p, number, record, text_field)
             offset += len(raw)
+    if not content:
+        raise ValueError(f"{p} is empty: it holds no text to train or evaluate on")
+
+
+def _check_text_file(p: Any, decoder: Any) -> None:
+    offset, lines, content = 0, 1, False
+    with open(p, "rb") as f:
+        while raw := f.read(1 << 20):
+            try:
+                text = decoder.decode(raw)
+            except UnicodeDecodeError as e:
+                line = lines + raw[: e.start].count(b"\n")
+                raise ValueError(
+                    f"{p}: not UTF-8 text at byte {offset + e.start} (line {line}); re-save the file as UTF-8"
+                ) from None
+            content = content or bool(text.strip())
+            offset, lines = offset + len(raw), lines + raw.count(b"\n")
+    if not content:
+        raise ValueError(f"{p} is empty: it holds no text to train or evaluate on")
+
+
+def _check_json_record(path: Any, number: int, record: Any, text_field: str) -> None:
+    if not isinstance(record, dict):
+        raise ValueError(
+            f"{path}:{number}: a JSON {type(record).__name__}, not a record; each line must be an object such as "
+            '{"text": "..."} or {"input_ids": [...]}'
+        )
+    value = record.get(text_field)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(
+            f"{path}:{number}: {text_field!r} is {value!r:.40} ({type(value).__name__}); expected a string"
+        )
 
 
 # ---------------------------------------------------------------------------- paths

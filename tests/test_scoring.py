@@ -149,11 +149,11 @@ def test_evaluate_agrees_with_lm_eval_word_and_byte_perplexity():
 
 def test_evaluate_errors():
     c = Composer(tiny_model("llama", seed=7), strategy="full", tokenizer=tiny_tokenizer())
-    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+    with pytest.raises(ValueError, match="batch_size"):
         c.evaluate(DOCS, batch_size=0)
-    with pytest.raises(ValueError, match="position limit"):
+    with pytest.raises(ValueError, match="beyond the model's 128 positions"):
         c.evaluate(DOCS, seq_len=4096)
-    with pytest.raises(ValueError, match="record 0: 'text' must be a string"):
+    with pytest.raises(ValueError, match=r"eval_data\[0\]: 'text' is 123"):
         c.evaluate([{"text": 123}], seq_len=16)
 
 

@@ -51,8 +51,8 @@ def load_output(directory: str | os.PathLike, **kwargs: Any):
             stacklevel=2,
         )
     meta_path = Path(directory) / CONFIG_NAME
-    if meta_path.is_file():
-        meta = read_json(meta_path)
+    meta = read_json(meta_path) if meta_path.is_file() else None
+    if isinstance(meta, dict):  # anything else is named by Composer.load
         anchor = meta.get("anchor")
         if kwargs.get("anchor") is None and isinstance(anchor, str) and anchor.startswith(TINY_PREFIX):
             kwargs["anchor"] = resolve_model(anchor)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf import errors as oc_errors
 
@@ -29,6 +30,13 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = OmegaConf.select(parsed, key, throw_on_missing=True)
     except oc_errors.OmegaConfBaseException as e:
         raise RecipeError(f"override {item!r} could not be read ({e.msg or e})") from None
+    except yaml.YAMLError as e:
+        value = item.split("=", 1)[1]
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(
+            f"override {item!r}: the value {value!r} is not valid YAML ({problem}); fix it, or quote it to pass a "
+            "string (e.g. key='\"[1,2\"')"
+        ) from None
     return key, OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 

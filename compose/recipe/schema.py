@@ -111,7 +111,7 @@ class EvalSection:
     """lm-evaluation-harness tasks: ``{tasks: [...], num_fewshot, limit, batch_size}``."""
 
 
-EVAL_RULES = {"batch_size": POSITIVE, "seq_len": POSITIVE, "max_batches": POSITIVE, "max_new_tokens": POSITIVE}
+EVAL_RULES = {"batch_size": POSITIVE, "seq_len": Rule(ge=2), "max_batches": POSITIVE, "max_new_tokens": POSITIVE}
 LM_EVAL_RULES = {"num_fewshot": Rule(ge=0), "limit": POSITIVE, "batch_size": POSITIVE}
 
 

@@ -318,6 +318,35 @@ def plan_insertions(num_original: int, config: BlockExpandConfig) -> list[tuple[
     return [(0, -1)] * p  # bottom
 
 
+def inserted_positions(num_original: int, plan: list[tuple[int, int]]) -> list[int]:
+    """Where the copies of ``plan`` land in the expanded model (as :meth:`BlockExpand.build` places them)."""
+    position = sum(1 for _, after in plan if after == -1)
+    out = list(range(position))
+    for i in range(num_original):
+        position += 1
+        for _, after in plan:
+            if after == i:
+                out.append(position)
+                position += 1
+    return out
+
+
+def _check_inserted(directory: Any, inserted: list[int], num_layers: int, config: BlockExpandConfig) -> None:
+    """The saved positions of the new blocks must be where the saved options put them (which blocks train)."""
+    original = num_layers - len(inserted)
+    try:
+        expected = inserted_positions(original, plan_insertions(original, config)) if original > 0 else None
+    except ValueError:
+        expected = None
+    if expected != sorted(inserted) or len(set(inserted)) != len(inserted):
+        raise ValueError(
+            f"{directory}/compose.json lists inserted blocks {inserted}, but its options (num_blocks="
+            f"{config.num_blocks}, placement={config.placement!r}) on this {num_layers}-block model put the new "
+            f"blocks at {expected}: the file was edited or belongs to another model, and the wrong blocks would "
+            "train. Restore compose.json as Composer.save wrote it"
+        )
+
+
 def _identity_copy(model: PreTrainedModel, block: nn.Module) -> nn.Module:
     # Share the config object (some blocks keep a reference to it) but copy every tensor,
     # so the copy owns its storage: shared storage breaks safetensors and ties the copy's
@@ -560,10 +589,16 @@ class BlockExpand(Strategy):
 
     def load(self, directory, state, anchor, augments) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto")
+        if not isinstance(state.get("inserted"), list):
+            raise ValueError(
+                f"{directory}/compose.json has no state.inserted (the positions of the new blocks): the file was "
+                "edited or damaged; restore it as Composer.save wrote it"
+            )
         self.inserted = [int(i) for i in state["inserted"]]
         n = arch.num_layers(model)
         if any(not 0 <= i < n for i in self.inserted):
             raise ValueError(f"{directory}/compose.json lists inserted blocks {self.inserted} but the model has {n}")
+        _check_inserted(directory, self.inserted, n, self.config)
         # With lora, fresh adapters (B = 0) go on the merged blocks: the loaded model equals the saved one
         # and further training continues from it.
         self._freeze(model)

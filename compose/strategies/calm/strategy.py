@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,13 @@ class Calm(Strategy):
         records: list[dict[str, Any] | None] = [None] * len(augments)
         for i, aug in enumerate(augments):
             tok = given[i] if given is not None and given[i] is not None else _local_tokenizer(aug)
+            if tok is None and anchor_tok is not None and aug.config.vocab_size == anchor.config.vocab_size:
+                warnings.warn(
+                    f"compose: augmenting model {i} has no tokenizer beside it and none was given, so it is assumed "
+                    f"to read the anchor's token ids (both have {aug.config.vocab_size} tokens). If it was trained "
+                    "with another tokenizer, pass it as augment_tokenizer=",
+                    stacklevel=5,
+                )
             if tok is None or (
                 anchor_tok is not None
                 and same_vocabulary(anchor_tok, tok)
