@@ -184,5 +184,7 @@ def test_full_disk_names_the_file_the_error_names(expand, tmp_path, monkeypatch)
         raise OSError(28, "No space left on device", str(path))
 
     monkeypatch.setattr(cio, "write_text", full)
-    with pytest.raises(OSError, match=r"writing README.md of .*out failed; nothing was replaced"):  # the card is written first
+    with pytest.raises(
+        OSError, match=r"writing README.md of .*out failed; nothing was replaced"
+    ):  # the card is written first
         expand.save(first)
