@@ -33,7 +33,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TEMPLATES", "resolve_template", "has_generation_markers", "encode_chats", "chat_prompt", "stop_token_ids"]
+__all__ = [
+    "TEMPLATES",
+    "resolve_template",
+    "with_template",
+    "has_generation_markers",
+    "encode_chats",
+    "chat_prompt",
+    "stop_token_ids",
+]
 
 IGNORE = -100
 
@@ -96,6 +104,16 @@ def resolve_template(tokenizer: Any, chat_template: str | None = None) -> str:
         f"chat_template={chat_template!r} is not a template name ({', '.join(names)}), an existing .jinja file, "
         "or Jinja text"
     )
+
+
+def with_template(tokenizer: Any, chat_template: str) -> Any:
+    """A copy of ``tokenizer`` whose own chat template is ``chat_template`` (saved with it, used by generate)."""
+    import copy
+
+    template = resolve_template(tokenizer, chat_template)
+    out = copy.deepcopy(tokenizer)
+    out.chat_template = template
+    return out
 
 
 def check_template_option(chat_template: str | None) -> None:

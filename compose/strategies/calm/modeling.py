@@ -234,7 +234,9 @@ class CalmForCausalLM(CrossTokenizerMixin, FrozenBasesMixin, PreTrainedModel, Ge
         return args, {**kwargs, "hidden_states": hidden + self._delta(INPUT, hidden, ctx)}
 
     # ------------------------------------------------------------------ forward
-    def _augment_states(self, index, input_ids, attention_mask, position_ids, cache, docs) -> dict[int, torch.Tensor]:
+    def _augment_states(
+        self, index, input_ids, attention_mask, position_ids, cache, docs=None
+    ) -> dict[int, torch.Tensor]:
         base = self.augments[index].base_model
         self._captured = [{} for _ in self.augments]
         try:
