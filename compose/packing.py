@@ -96,11 +96,3 @@ def within_documents(visible: torch.Tensor, docs: torch.Tensor | None) -> torch.
 def document_kwargs(model: Any, position_ids: torch.Tensor, docs: torch.Tensor | None) -> dict[str, Any]:
     """What a base model needs, besides positions and no mask, to attend within documents."""
     return varlen_kwargs(position_ids) if docs is not None and uses_varlen(model) else {}
-
-
-def refuse_documents(docs: torch.Tensor | None, what: str) -> None:
-    if docs is not None:
-        raise ValueError(
-            f"{what} cannot keep attention inside packed documents yet; train it with packing_attention='block' "
-            "(or packing=False)"
-        )

@@ -138,3 +138,40 @@ def test_flash_style_attention_gets_documents_as_varlen_arguments():
     # the middle document is at 7 in the first row (after DOCS[0]) and at 3 in the second (after DOCS[0]'s end)
     torch.testing.assert_close(losses[0, 7 : 7 + n], expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(losses[1, 3 : 3 + n], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_tokenizer_calm_document_loss_is_the_same_packed_or_alone():
+    """Each packed document is re-tokenized alone for the augmenting model; no text crosses documents."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from compose.testing import tiny_tokenizer
+
+    texts = ["hello world = 12.", "def f(y): return y + 1", "x = 3."]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    from tokenizers import decoders
+
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
+    eos = "<|endoftext|>"
+    aug_tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=eos, bos_token=eos, pad_token=eos)
+    chars = tiny_tokenizer()
+    anchor, augment = tiny_model("llama", seed=0), tiny_model("gpt2", seed=1, vocab=len(aug_tok))
+    c = Composer(anchor, augment, strategy="calm", tokenizer=chars, augment_tokenizer=aug_tok, every=2)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(5)
+        for p in c.model.connections.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    packed = build_blocks(texts, chars, 64, reset_position_ids=True)
+    assert len(packed) == 1
+    lengths = [len(chars(t)["input_ids"]) + 1 for t in texts]  # + EOS
+    losses = _token_losses(c.model, packed.batch([0]))[0]
+    alone = build_blocks([texts[1]], chars, 64, reset_position_ids=True).batch([0])
+    n = lengths[1] - 1
+    expected = _token_losses(c.model, alone)[0, :n]
+    torch.testing.assert_close(losses[lengths[0] : lengths[0] + n], expected, rtol=1e-5, atol=1e-5)
+    leaky = build_blocks(texts, chars, 64).batch([0])
+    blocky = _token_losses(c.model, leaky)[0, lengths[0] : lengths[0] + n]
+    assert not torch.allclose(blocky, expected, atol=1e-3)

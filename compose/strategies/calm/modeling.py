@@ -264,8 +264,9 @@ class CalmForCausalLM(CrossTokenizerMixin, FrozenBasesMixin, PreTrainedModel, Ge
         for i in range(len(self.augments)):
             conns = [c for c, (a, _, _) in enumerate(self.plan) if a == i]
             if self.cross[i] is not None:
-                packing.refuse_documents(docs, "a cross-tokenizer CALM composition")
-                if cache is None:
+                if docs is not None:
+                    visible[i] = self._cross_documents(i, conns, input_ids, docs, keys, values)
+                elif cache is None:
                     visible[i] = self._cross_full(i, conns, input_ids, attention_mask, keys, values)
                 else:
                     visible[i] = self._cross_cached(i, conns, input_ids, attention_mask, cache, keys, values)
