@@ -302,7 +302,8 @@ class _Tokenize:
 
         if self.tokenizer is None:
             self._encode(["x"], False, where)  # the no-tokenizer error, naming the record
-        return encode_chats(self.tokenizer, resolve_template(self.tokenizer, self.chat_template), conversations, where)
+        out = encode_chats(self.tokenizer, resolve_template(self.tokenizer, self.chat_template), conversations, where)
+        return out if self.mask_prompt else [(ids, list(ids)) for ids, _ in out]
 
     def _one(self, kind, j, col, texts, prompts, comps, index):
         if kind == "ids":

@@ -93,6 +93,9 @@ def within_documents(visible: torch.Tensor, docs: torch.Tensor | None) -> torch.
     return visible & (docs[:, :, None] == docs[:, None, :])
 
 
-def document_kwargs(model: Any, position_ids: torch.Tensor, docs: torch.Tensor | None) -> dict[str, Any]:
-    """What a base model needs, besides positions and no mask, to attend within documents."""
-    return varlen_kwargs(position_ids) if docs is not None and uses_varlen(model) else {}
+def base_inputs(model: Any, attention_mask: Any, position_ids: Any, docs: torch.Tensor | None) -> dict[str, Any]:
+    """A base model's mask and positions: inside packed documents (``docs``), no mask and, for flash, varlen."""
+    if docs is None:
+        return {"attention_mask": attention_mask, "position_ids": position_ids}
+    out = {"attention_mask": None, "position_ids": position_ids}
+    return {**out, **varlen_kwargs(position_ids)} if uses_varlen(model) else out

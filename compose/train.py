@@ -138,7 +138,8 @@ class TrainConfig:
     packing: bool = True
     """Join documents with EOS and cut into ``seq_len`` blocks (else pad each record)."""
     mask_prompt: bool = True
-    """For ``prompt``/``completion`` records, train only on the completion."""
+    """For ``prompt``/``completion`` records, train only on the completion; for ``messages``, only on the
+    assistant's turns (``False``: on every token)."""
     text_field: str = "text"
     """Record field holding the text."""
     progress: bool = True

@@ -123,6 +123,13 @@ def test_chat_records_mix_with_text_records(tok):
     assert labels[-7:] == tok("plain")["input_ids"] + [2]  # text records keep every label (and EOS)
 
 
+def test_mask_prompt_false_trains_on_the_whole_conversation(tok):
+    blocks = build_blocks([{"messages": CONVERSATION}], tok, 128, chat_template="tiny", mask_prompt=False)
+    batch = blocks.batch([0])
+    keep = batch["attention_mask"].bool()
+    assert batch["labels"][keep].tolist() == batch["input_ids"][keep].tolist()
+
+
 def test_tokenizer_without_template_names_the_option(tok):
     with pytest.raises(ValueError, match=r"no chat template.*chat_template=.*chatml, tulu, tiny"):
         build_blocks(_records(), tok, 32)

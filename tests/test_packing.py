@@ -7,7 +7,7 @@ import torch
 
 from compose import Composer, packing
 from compose.data import IGNORE, build_blocks
-from compose.testing import randomize_, tiny_model
+from compose.testing import TINY_FAMILIES, randomize_, tiny_model
 
 DOCS = [[5, 17, 30, 8, 44, 9, 2], [12, 60, 7, 33, 21, 50, 14, 40, 2], [70, 3, 88, 2]]
 SEQ = 24  # all three documents fit in one block, padded
@@ -48,6 +48,16 @@ def test_block_expand_document_loss_is_the_same_packed_or_alone(family, impl):
     torch.testing.assert_close(inside, alone, rtol=1e-5, atol=1e-5)
     leaky, alone_block = _packed_vs_alone(c.model, document=False)
     assert not torch.allclose(leaky, alone_block, atol=1e-3), "block packing should see the earlier document"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_every_family_keeps_documents_apart(family):
+    model = tiny_model(family, seed=0, **({"positions": 64} if family == "gpt2" else {}))
+    if family not in ("gemma2",):
+        model.set_attn_implementation("sdpa")
+    inside, alone = _packed_vs_alone(model, document=True)
+    torch.testing.assert_close(inside, alone, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

@@ -234,25 +234,21 @@ class CalmForCausalLM(CrossTokenizerMixin, FrozenBasesMixin, PreTrainedModel, Ge
         return args, {**kwargs, "hidden_states": hidden + self._delta(INPUT, hidden, ctx)}
 
     # ------------------------------------------------------------------ forward
-    def _augment_states(
-        self, index, input_ids, attention_mask, position_ids, cache, docs=None
-    ) -> dict[int, torch.Tensor]:
-        base = self.augments[index].base_model
+    def _augment_states(self, i, input_ids, attention_mask, position_ids, cache, docs=None) -> dict[int, torch.Tensor]:
+        base = self.augments[i].base_model
         self._captured = [{} for _ in self.augments]
         try:
             with torch.no_grad():
                 base(
                     input_ids=input_ids,
-                    attention_mask=None if docs is not None else attention_mask,
-                    position_ids=position_ids,
                     use_cache=cache is not None,
                     **{_cache_argument(type(base)): cache},
-                    **packing.document_kwargs(base, position_ids, docs),
+                    **packing.base_inputs(base, attention_mask, position_ids, docs),
                 )
         except StopForward:
             pass
         finally:
-            captured, self._captured = self._captured[index], None
+            captured, self._captured = self._captured[i], None
         return captured
 
     def _context(self, input_ids, attention_mask, position_ids, cache, past: int, docs=None) -> _Context:
@@ -336,12 +332,10 @@ class CalmForCausalLM(CrossTokenizerMixin, FrozenBasesMixin, PreTrainedModel, Ge
         try:
             out = self.anchor(
                 input_ids=input_ids,
-                attention_mask=None if docs is not None else attention_mask,
-                position_ids=position_ids,
                 use_cache=cache is not None,
                 logits_to_keep=logits_to_keep,
                 **{_cache_argument(type(self.anchor)): cache.anchor if cache is not None else None},
-                **packing.document_kwargs(self.anchor, position_ids, docs),
+                **packing.base_inputs(self.anchor, attention_mask, position_ids, docs),
             )
         finally:
             self._ctx = None
