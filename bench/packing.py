@@ -108,12 +108,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention", nargs="+", default=["sdpa", "eager"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1: steadiest on a shared machine)")
     p.add_argument("--out", default=str(RESULTS / "packing_cpu.json"))
     args = p.parse_args()
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [run(args, impl) for impl in args.attention]
     shape = f"llama hidden {args.hidden}, {args.layers} layers, batch {args.batch_size} x {args.seq_len}"
-    print(f"\n{shape}, documents of ~{args.mean_doc} tokens; torch {torch.__version__}, {os.cpu_count()} CPUs\n")
+    threads = torch.get_num_threads()
+    print(f"\n{shape}, documents of ~{args.mean_doc} tokens; torch {torch.__version__}, {threads} thread(s)\n")
     print("| attention | documents / block | block (s/step) | document (s/step) | wall ratio | CPU-time ratio |")
     print("|---|---|---|---|---|---|")
     for r in rows:
@@ -121,7 +125,8 @@ def main() -> None:
             f"| {r['attention']} | {r['documents_per_block']:.1f} | {r['block_s']:.3f} | {r['document_s']:.3f} "
             f"| {r['ratio']:.2f}x | {r['cpu_ratio']:.2f}x |"
         )
-    meta = {"args": vars(args), "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count()}
+    meta = {"args": vars(args), "torch": torch.__version__, "machine": platform.machine(), "cpus": os.cpu_count(),
+            "threads": threads}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
 

@@ -181,8 +181,11 @@ def _by_prefixes(tokenizer: Any, template: str, messages: list[dict], index: int
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     bounds = []
     for i in turns:
-        start = _render(tokenizer, template, messages[:i], generation_prompt=True) if i else ""
         end = _render(tokenizer, template, messages[: i + 1])
+        if i:
+            start = _render(tokenizer, template, messages[:i], generation_prompt=True)
+        else:  # the conversation opens with the assistant: its header is what an empty answer shares with it
+            start = os.path.commonprefix([end, _render(tokenizer, template, [{**messages[0], "content": ""}])])
         for text in (start, end):
             if not full.startswith(text):
                 raise ValueError(

@@ -52,8 +52,8 @@ def varlen_kwargs(position_ids: torch.Tensor) -> dict[str, Any]:
 
 
 def _config(model: Any) -> Any:
-    while hasattr(model, "module") and not hasattr(model, "config"):
-        model = model.module  # DDP / accelerate wrappers
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module  # DDP / DeepSpeed wrappers (a DeepSpeed engine's own .config is its JSON)
     return getattr(model, "config", None)
 
 

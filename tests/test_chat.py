@@ -164,6 +164,13 @@ def test_bad_messages_name_the_record(tok, messages, match):
         build_blocks([{"messages": CONVERSATION}, {"messages": messages}], tok, 32, chat_template="tiny")
 
 
+def test_conversation_opening_with_the_assistant(tok):
+    messages = [{"role": "assistant", "content": "hey"}, {"role": "user", "content": "yo"}]
+    for template in (chat.TEMPLATES["tiny"], _no_markers(chat.TEMPLATES["tiny"])):
+        got = chat.encode_chats(tok, template, [messages])[0]
+        assert got == _expected(tok, [("<s>### assistant:\n", False), ("hey</s>", True), ("\n### user:\nyo\n", False)])
+
+
 def test_template_that_rewrites_earlier_turns_is_refused_on_the_prefix_path(tok):
     # renders only the last message's role in upper case: a prefix is not the start of the whole
     template = (
