@@ -151,10 +151,10 @@ class TrainConfig:
     """Worker processes for tokenizing and packing (``datasets.map(num_proc=...)``); ``None``: this process."""
     data_cache_dir: str | None = None
     """Where ``datasets`` keeps the Arrow files and the cached tokenized/packed data (default: its own cache)."""
-    packing_attention: Literal["document", "block"] = "document"
-    """``document``: a token attends only to its own document of a packed block, on every attention
-    implementation (positions restart at each document); ``block``: causal over the whole block, earlier
-    documents included (cheaper masks; see docs/performance.md)."""
+    packing_attention: Literal["block", "document"] = "block"
+    """``block``: causal over the whole packed block, so a token also sees the earlier documents of its block;
+    ``document``: a token attends only to its own document, on every attention implementation (positions
+    restart at each document; 1.2-1.4x the step time of ``block`` with SDPA on CPU, docs/performance.md)."""
     reset_position_ids: bool = False
     """Older name of ``packing_attention="document"`` (``True`` turns it on)."""
     chat_template: str | None = None
