@@ -27,8 +27,9 @@ Packing (``packing=True``, the default) joins the documents of each group of
 blocks; the group's last block may be shorter and is padded (its padding is masked out of
 the loss). With ``reset_position_ids=True`` (what ``packing_attention="document"`` asks for)
 each block also carries ``position_ids`` that restart at 0 at every document and at the
-block's start, and the model is then called so that attention stays inside each document
-on every attention implementation (:mod:`compose.packing`); without them attention is causal
+block's start, a document's first token is not a target, and the model is then called so
+that attention stays inside each document on every attention implementation
+(:mod:`compose.packing`); without them attention is causal
 over the whole block and a token sees the earlier documents of its block.
 ``packing=False`` truncates/pads each record to ``seq_len`` on its own.
 """
@@ -357,6 +358,9 @@ class _Pack:
             # restart at each document and at each block (a long document's next block starts over)
             index = np.arange(ids.size)
             positions = np.minimum(index - np.repeat(doc_starts, lengths), index % self.seq_len) if self.reset else None
+            if self.reset:  # a document's first token is not predicted from the one before it, in another document
+                labels = labels.copy()
+                labels[doc_starts[(lengths > 0) & (doc_starts < labels.size)]] = IGNORE
         else:
             take = np.minimum(lengths, self.seq_len)[lengths > 0]
             out_starts = np.cumsum(take) - take

@@ -154,7 +154,7 @@ class TrainConfig:
     packing_attention: Literal["block", "document"] = "block"
     """``block``: causal over the whole packed block, so a token also sees the earlier documents of its block;
     ``document``: a token attends only to its own document, on every attention implementation (positions
-    restart at each document; 1.2-1.4x the step time of ``block`` with SDPA on CPU, docs/performance.md)."""
+    restart at each document; with SDPA on CPU 1.05-1.4x the step time of ``block``, docs/performance.md)."""
     reset_position_ids: bool = False
     """Older name of ``packing_attention="document"`` (``True`` turns it on)."""
     chat_template: str | None = None

@@ -64,10 +64,7 @@ def test_every_family_keeps_documents_apart(family):
 def test_calm_document_loss_is_the_same_packed_or_alone(impl):
     anchor, augment = tiny_model("llama", seed=0), tiny_model("qwen2", seed=1)
     c = Composer(anchor, augment, strategy="calm", every=2)
-    with torch.no_grad():  # trained-looking connections: the cross-attention changes the anchor's stream
-        gen = torch.Generator().manual_seed(5)
-        for p in c.model.connections.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomize_(c.model.connections, seed=5, std=0.3)  # trained-looking connections change the anchor's stream
     for m in (c.model.anchor, *c.model.augments):
         m.set_attn_implementation(impl)
     inside, alone = _packed_vs_alone(c.model, document=True)
@@ -152,7 +149,7 @@ def test_flash_style_attention_gets_documents_as_varlen_arguments():
 
 def test_cross_tokenizer_calm_document_loss_is_the_same_packed_or_alone():
     """Each packed document is re-tokenized alone for the augmenting model; no text crosses documents."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from compose.testing import tiny_tokenizer
@@ -160,8 +157,6 @@ def test_cross_tokenizer_calm_document_loss_is_the_same_packed_or_alone():
     texts = ["hello world = 12.", "def f(y): return y + 1", "x = 3."]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    from tokenizers import decoders
-
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(texts * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))  # fmt: skip
@@ -170,10 +165,7 @@ def test_cross_tokenizer_calm_document_loss_is_the_same_packed_or_alone():
     chars = tiny_tokenizer()
     anchor, augment = tiny_model("llama", seed=0), tiny_model("gpt2", seed=1, vocab=len(aug_tok))
     c = Composer(anchor, augment, strategy="calm", tokenizer=chars, augment_tokenizer=aug_tok, every=2)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(5)
-        for p in c.model.connections.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomize_(c.model.connections, seed=5, std=0.3)
     packed = build_blocks(texts, chars, 64, reset_position_ids=True)
     assert len(packed) == 1
     lengths = [len(chars(t)["input_ids"]) + 1 for t in texts]  # + EOS
@@ -185,3 +177,24 @@ def test_cross_tokenizer_calm_document_loss_is_the_same_packed_or_alone():
     leaky = build_blocks(texts, chars, 64).batch([0])
     blocky = _token_losses(c.model, leaky)[0, lengths[0] : lengths[0] + n]
     assert not torch.allclose(blocky, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("strategy", ["block_expand", "calm"])
+def test_fit_trains_on_documents_apart(strategy):
+    """fit's first logged loss (before any update) is the mean over the documents each scored alone."""
+    anchor = tiny_model("llama", seed=0)
+    if strategy == "calm":
+        c = Composer(anchor, tiny_model("qwen2", seed=1), strategy="calm", every=2)
+        randomize_(c.model.connections, seed=5, std=0.3)  # trained-looking cross-attention
+    else:
+        c = Composer(anchor, strategy="block_expand", num_blocks=2)
+        randomize_(c.model, seed=3)
+    total, count = 0.0, 0
+    for d in DOCS:
+        alone = build_blocks([{"input_ids": d}], None, SEQ, reset_position_ids=True).batch([0])
+        losses = _token_losses(c.model, alone)
+        total, count = total + float(losses.sum()), count + len(d) - 1
+    records = [{"input_ids": d} for d in DOCS]
+    c.fit(records, max_steps=1, batch_size=1, seq_len=SEQ, learning_rate=1e-9, log_every=1, progress=False,
+          report_to=None, packing_attention="document", mixed_precision="no")  # fmt: skip
+    assert c.history[0]["loss"] == pytest.approx(total / count, rel=1e-5)
