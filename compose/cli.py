@@ -175,6 +175,15 @@ def _add_generate(sub) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="each prompt is a user message: render it with the model's chat template and print the reply",
+    )
+    p.add_argument("--system", help="--chat: a system message before the user's")
+    p.add_argument(
+        "--chat-template", help="--chat: a built-in template name (chatml, tulu, tiny), a .jinja file or Jinja text"
+    )
 
 
 def _add_check(sub) -> None:
@@ -354,15 +363,32 @@ def _cmd_generate(args) -> int:
 
     limit = arch.max_positions(composer.model.config) if hasattr(composer.model, "config") else None
     for prompt in args.prompt:
-        enc = tok(prompt, return_tensors="pt")
+        enc = _chat_encoding(tok, prompt, args) if args.chat else tok(prompt, return_tensors="pt")
         kwargs: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
+        if args.chat:
+            from .chat import stop_token_ids
+
+            kwargs["eos_token_id"] = stop_token_ids(tok)
         if args.sample:
             kwargs.update(temperature=args.temperature, top_p=args.top_p)
         kwargs = validate_generate_options(kwargs, prompt_length=enc["input_ids"].shape[1], max_positions=limit)
         out = composer.generate(enc["input_ids"], attention_mask=enc["attention_mask"], pad_token_id=pad, **kwargs)
         text = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        _print(prompt + text)
+        _print(text if args.chat else prompt + text)
     return 0
+
+
+def _chat_encoding(tok, prompt: str, args) -> dict:
+    """The conversation (``--system``, then the prompt as the user's message) up to the assistant's turn."""
+    import torch
+
+    from .chat import chat_prompt
+
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    ids = torch.tensor([chat_prompt(tok, messages, args.chat_template)])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _cmd_check(args) -> int:

@@ -431,6 +431,11 @@ class Composer:
             self.model = model
             self.save(directory)
 
+        if getattr(config, "chat_template", None) is not None and self.tokenizer is not None:
+            from .chat import with_template
+
+            self.tokenizer = with_template(self.tokenizer, config.chat_template)  # saved with the model
+
         result = train(
             self.model, train_data, eval_data, config, tokenizer=self.tokenizer, save_model=save_model,
             desc=f"fit {self.strategy_name}",

@@ -10,8 +10,10 @@ Accepted sources (see :func:`load_records`):
 * for streaming (:func:`stream_blocks`), also a ``datasets.IterableDataset``.
 
 Each record is one of ``{"input_ids": [...]}`` (used as is, optional ``"labels"``),
-``{"text": ...}`` or ``{"prompt": ..., "completion": ...}`` (the prompt's tokens get
-label ``-100`` when ``mask_prompt``). Text needs a tokenizer.
+``{"text": ...}``, ``{"prompt": ..., "completion": ...}`` (the prompt's tokens get
+label ``-100`` when ``mask_prompt``) or ``{"messages": [{"role": ..., "content": ...}, ...]}``
+(rendered with the chat template, loss on the assistant's turns: :mod:`compose.chat`).
+Text needs a tokenizer.
 
 Everything runs through ``datasets``: one batched ``map`` tokenizes each group of
 :data:`PACK_GROUP` records (one fast-tokenizer call) and packs it into Arrow blocks; with
@@ -25,12 +27,13 @@ A text longer than :data:`compose.longdoc.LONG_CHARS` is read, tokenized and pac
 Packing (``packing=True``, the default) joins the documents of each group of
 :data:`PACK_GROUP` documents, each followed by EOS, and cuts the stream into ``seq_len``
 blocks; the group's last block may be shorter and is padded (its padding is masked out of
-the loss). Attention is causal over the whole block, so with the default SDPA/eager
-attention a token *does* see the earlier documents of its block. ``reset_position_ids=True``
-adds ``position_ids`` that restart at 0 at each document: with
-``attn_implementation="flash_attention_2"`` transformers then attends within documents only;
-with SDPA/eager only the positions restart. ``packing=False`` truncates/pads each record to
-``seq_len`` on its own.
+the loss). With ``reset_position_ids=True`` (what ``packing_attention="document"`` asks for)
+each block also carries ``position_ids`` that restart at 0 at every document and at the
+block's start, a document's first token is not a target, and the model is then called so
+that attention stays inside each document on every attention implementation
+(:mod:`compose.packing`); without them attention is causal
+over the whole block and a token sees the earlier documents of its block.
+``packing=False`` truncates/pads each record to ``seq_len`` on its own.
 """
 
 from __future__ import annotations
@@ -279,9 +282,11 @@ def _explain_file_error(path: Path, error: Exception) -> Exception:
 class _Tokenize:
     """Batched map: records -> ``input_ids`` + ``labels`` (picklable, so ``num_proc`` works)."""
 
-    def __init__(self, tokenizer, text_field: str, mask_prompt: bool, arrow_out: bool = True):
+    def __init__(
+        self, tokenizer, text_field: str, mask_prompt: bool, arrow_out: bool = True, chat_template: str | None = None
+    ):
         self.tokenizer, self.text_field, self.mask_prompt = tokenizer, text_field, mask_prompt
-        self.arrow_out = arrow_out
+        self.arrow_out, self.chat_template = arrow_out, chat_template
         self.eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
 
     def _encode(self, texts: list[str], special: bool, where: list[int], flags=None) -> list[list[int]]:
@@ -301,7 +306,7 @@ class _Tokenize:
 
     def __call__(self, batch: dict[str, list], indices: list[int]) -> Any:
         texts = batch.get(self.text_field)
-        others = (batch.get(k) for k in ("input_ids", "prompt", "completion"))
+        others = (batch.get(k) for k in ("input_ids", "prompt", "completion", "messages"))
         if texts is not None and None not in texts and not any(v is not None for c in others if c for v in c):
             return self._texts(texts, indices, batch.get(CONTINUES), batch.get(PIECE))
         return self._records(batch, indices)
@@ -337,32 +342,50 @@ class _Tokenize:
 
     def _records(self, batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         n = len(indices)
-        col = {k: batch.get(k) or [None] * n for k in ("input_ids", "labels", "prompt", "completion", self.text_field)}
+        fields = ("input_ids", "labels", "prompt", "completion", "messages", self.text_field)
+        col = {k: batch.get(k) or [None] * n for k in fields}
         kind = []
         for j in range(n):
             if col["input_ids"][j] is not None:
                 kind.append("ids")
             elif col["prompt"][j] is not None and col["completion"][j] is not None:
                 kind.append("pc")
+            elif col["messages"][j] is not None:
+                kind.append("chat")
             elif col[self.text_field][j] is not None:
                 kind.append("text")
             else:
                 keys = sorted(k for k, v in batch.items() if v[j] is not None)
                 raise ValueError(
                     f"record {indices[j]} has keys {keys}; expected {self.text_field!r}, 'input_ids', "
-                    "or 'prompt' + 'completion'"
+                    "'prompt' + 'completion', or 'messages'"
                 )
-        pick = {k: [j for j in range(n) if kind[j] == k] for k in ("ids", "pc", "text")}
+        pick = {k: [j for j in range(n) if kind[j] == k] for k in ("ids", "pc", "text", "chat")}
         where = {k: [indices[j] for j in v] for k, v in pick.items()}
         texts = iter(self._encode([col[self.text_field][j] for j in pick["text"]], True, where["text"]))
         prompts = iter(self._encode([col["prompt"][j] for j in pick["pc"]], True, where["pc"]))
         comps = iter(self._encode([col["completion"][j] for j in pick["pc"]], False, where["pc"]))
+        chats = iter(self._chats([col["messages"][j] for j in pick["chat"]], where["chat"]))
         out_ids, out_labels = [], []
         for j in range(n):
-            ids, labels = self._one(kind[j], j, col, texts, prompts, comps, indices[j])
+            if kind[j] == "chat":
+                ids, labels = _with_eos(*next(chats), self.eos)
+            else:
+                ids, labels = self._one(kind[j], j, col, texts, prompts, comps, indices[j])
             out_ids.append(ids)
             out_labels.append(labels)
         return {"input_ids": out_ids, "labels": out_labels}
+
+    def _chats(self, conversations: list, where: list[int]) -> list[tuple[list[int], list[int]]]:
+        """``messages`` records, rendered with the chat template (see :mod:`compose.chat`)."""
+        if not conversations:
+            return []
+        from .chat import encode_chats, resolve_template
+
+        if self.tokenizer is None:
+            self._encode(["x"], False, where)  # the no-tokenizer error, naming the record
+        out = encode_chats(self.tokenizer, resolve_template(self.tokenizer, self.chat_template), conversations, where)
+        return out if self.mask_prompt else [(ids, list(ids)) for ids, _ in out]
 
     def _one(self, kind, j, col, texts, prompts, comps, index):
         if kind == "ids":
@@ -380,6 +403,13 @@ class _Tokenize:
         if self.eos is not None and ids and ids[-1] != self.eos:
             ids, labels = ids + [self.eos], labels + [self.eos]
         return ids, labels
+
+
+def _with_eos(ids: list[int], labels: list[int], eos: int | None) -> tuple[list[int], list[int]]:
+    """A chat record closed by EOS (the document separator when packing), trained when its last token is."""
+    if eos is not None and ids and ids[-1] != eos:
+        return ids + [eos], labels + [eos if labels[-1] != IGNORE else IGNORE]
+    return ids, labels
 
 
 class _Pack:
@@ -406,7 +436,12 @@ class _Pack:
         doc_starts = np.cumsum(lengths) - lengths
         if self.packing:
             offsets = np.append(np.arange(0, ids.size, self.seq_len), ids.size)
-            positions = np.arange(ids.size) - np.repeat(doc_starts, lengths) if self.reset else None
+            # restart at each document and at each block (a long document's next block starts over)
+            index = np.arange(ids.size)
+            positions = np.minimum(index - np.repeat(doc_starts, lengths), index % self.seq_len) if self.reset else None
+            if self.reset:  # a document's first token is not predicted from the one before it, in another document
+                labels = labels.copy()
+                labels[doc_starts[(lengths > 0) & (doc_starts < labels.size)]] = IGNORE
         else:
             take = np.minimum(lengths, self.seq_len)[lengths > 0]
             out_starts = np.cumsum(take) - take
@@ -562,6 +597,7 @@ def build_blocks(
     num_proc: int | None = None,
     cache_dir: str | None = None,
     reset_position_ids: bool = False,
+    chat_template: str | None = None,
 ) -> TokenBlocks:
     """Load, tokenize and pack ``source`` into :class:`TokenBlocks` of ``seq_len`` tokens."""
     if isinstance(source, TokenBlocks):
@@ -579,7 +615,8 @@ def build_blocks(
         what = str(source) if isinstance(source, str | os.PathLike) else "the dataset"
         raise ValueError(f"{what} is empty: no records to train or evaluate on")
     num_proc = min(num_proc, len(records)) if num_proc else None
-    tokenize, pack = _Tokenize(tokenizer, text_field, mask_prompt), _Pack(seq_len, packing, reset_position_ids)
+    tokenize = _Tokenize(tokenizer, text_field, mask_prompt, chat_template=chat_template)
+    pack = _Pack(seq_len, packing, reset_position_ids)
     packed_features = _features(reset_position_ids, packed=True)
     common = dict(batched=True, batch_size=PACK_GROUP, remove_columns=records.column_names)
     if num_proc:  # tokenize in workers; pack here, so that the groups do not depend on num_proc
@@ -681,6 +718,7 @@ def stream_blocks(
     rank: int = 0,
     world: int = 1,
     reset_position_ids: bool = False,
+    chat_template: str | None = None,
 ) -> TokenStream:
     """Tokenize and pack ``source`` on the fly, this process's shard only (``split_dataset_by_node``).
 
@@ -696,10 +734,11 @@ def stream_blocks(
     if ds is None:
         ds = load_records(source, split=split, text_field=text_field, streaming=True)
     columns = _stream_columns(ds)
-    if text_field not in columns and "input_ids" not in columns and not {"prompt", "completion"} <= set(columns):
+    known = text_field in columns or "input_ids" in columns or "messages" in columns
+    if not known and not {"prompt", "completion"} <= set(columns):
         raise ValueError(
             f"the streamed dataset has no {text_field!r} column (columns: {', '.join(columns) or 'none'}); "
-            "set text_field to the column holding the text, or give 'input_ids' or 'prompt' + 'completion'"
+            "set text_field to the column holding the text, or give 'input_ids', 'prompt' + 'completion' or 'messages'"
         )
     if ds.num_shards < world:
         raise ValueError(
@@ -715,7 +754,7 @@ def stream_blocks(
 
     def make(epoch: int):
         tokenized = ds.map(
-            _Tokenize(tokenizer, text_field, mask_prompt, arrow_out=False),
+            _Tokenize(tokenizer, text_field, mask_prompt, arrow_out=False, chat_template=chat_template),
             batched=True,
             with_indices=True,
             remove_columns=columns,
@@ -776,6 +815,11 @@ def _recipe_option(cfg, name: str, default: Any = None) -> Any:
     return default
 
 
+def _document_positions(cfg) -> bool:
+    """Whether a recipe's blocks carry per-document positions (``packing_attention: document``)."""
+    return cfg.data.packing_attention == "document" or bool(_recipe_option(cfg, "reset_position_ids", False))
+
+
 def build_data(
     sources: Any, composer, cfg, seq_len: int | None = None, *, seed: int = 0, streaming: bool = False
 ) -> Any:
@@ -815,7 +859,8 @@ def build_data(
             pad_token_id=pad,
             num_proc=_recipe_option(cfg, "num_proc"),
             cache_dir=_recipe_option(cfg, "cache_dir") or _recipe_option(cfg, "data_cache_dir"),
-            reset_position_ids=bool(_recipe_option(cfg, "reset_position_ids", False)),
+            reset_position_ids=_document_positions(cfg),
+            chat_template=cfg.data.chat_template,
         )
         whole, frac = int(weight), weight - int(weight)
         idx = list(range(len(blocks))) * whole

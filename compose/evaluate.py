@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import packing
 from .arch import max_positions as arch_max_positions
 from .data import IGNORE, build_blocks, collate, load_records
 from .guards import check_eval_batch_size
@@ -71,7 +72,7 @@ def eval_loss_sums(
         for rows in batches:
             batch = blocks.batch(rows) if hasattr(blocks, "batch") else collate([blocks[i] for i in rows])
             batch = {k: v.to(device) for k, v in batch.items()}
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+            inputs = packing.model_inputs(batch, model)  # per-document attention when positions restart
             with autocast() if autocast is not None else torch.autocast(device_type="cpu", enabled=False):
                 logits = model(**inputs).logits
             labels = batch["labels"][:, 1:]

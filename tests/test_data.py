@@ -80,7 +80,7 @@ def test_bad_sources(tmp_path, tok):
     bad.write_text('{"text": "ok"}\n{oops\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         load_records(str(bad))
-    with pytest.raises(ValueError, match="expected 'text', 'input_ids', or 'prompt' \\+ 'completion'"):
+    with pytest.raises(ValueError, match="expected 'text', 'input_ids', 'prompt' \\+ 'completion', or 'messages'"):
         build_blocks([{"content": "x"}], tok, seq_len=4)
     with pytest.raises(ValueError, match="no tokens to learn from"):
         build_blocks([{"input_ids": [1, 2], "labels": [IGNORE, IGNORE]}], None, seq_len=4)

@@ -23,7 +23,7 @@ def _ids(p: Path) -> str:
 def test_recipes_are_shipped():
     names = {_ids(p) for p in RECIPES}
     assert {"llama_pro/code.yaml", "llama_pro/math.yaml", "calm/code.yaml", "calm/low_resource.yaml"} <= names
-    assert {"tiny/block_expand.yaml", "tiny/calm.yaml"} <= names
+    assert {"tiny/block_expand.yaml", "tiny/calm.yaml", "tiny/chat.yaml", "llama_pro/instruct.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=_ids)

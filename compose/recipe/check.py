@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..chat import check_template_option
 from ..validation import check_data_file
 from .schema import RecipeError, _as_list, to_container
 from .stages import Recipe, check_model, load_recipe, looks_local, stage_sources
@@ -41,6 +42,10 @@ def check_recipe(source: str | os.PathLike | dict, overrides: list[str] | tuple[
         tokenizer = cfg.data.tokenizer
         if tokenizer and looks_local(tokenizer) and not Path(tokenizer).expanduser().exists():
             raise RecipeError(f"{sw}: data.tokenizer {tokenizer!r} does not exist")
+        try:
+            check_template_option(cfg.data.chat_template)
+        except FileNotFoundError as e:
+            raise RecipeError(f"{sw}: data.chat_template: {e}") from None
         for where, src in stage_sources(cfg):
             path = src.get("path") if isinstance(src, dict) else src
             try:

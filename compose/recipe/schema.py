@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 # TrainConfig fields that belong to other sections (or are not recipe material).
-DATA_KEYS = ("seq_len", "packing", "mask_prompt", "text_field")
+DATA_KEYS = ("seq_len", "packing", "mask_prompt", "text_field", "packing_attention", "chat_template")
 MOVED = {**{k: f"data.{k}" for k in DATA_KEYS}, "output_dir": "output.dir", "save_final": None, "callbacks": None}
 SOURCE_KEYS = ("path", "name", "data_dir", "split", "columns", "weight", "max_records")
 SECTION_KEYS = ("data", "train", "eval", "output")
@@ -69,6 +69,8 @@ class DataSection:
     packing: bool = _train_default("packing")
     mask_prompt: bool = _train_default("mask_prompt")
     text_field: str = _train_default("text_field")
+    packing_attention: str = _train_default("packing_attention")
+    chat_template: str | None = _train_default("chat_template")
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ... import arch
+from ... import arch, packing
 from .xtok import CrossTokenizer, vocab_fingerprint
 
 __all__ = ["CrossTokenizerMixin"]
@@ -99,6 +99,38 @@ class CrossTokenizerMixin:
         return self._visible_from_counts(
             input_ids.shape, width, [(pos, counts) for (pos, _), (_, counts) in zip(rows, aligned)], device
         )
+
+    def _cross_documents(self, i, conns, input_ids, docs, keys, values) -> torch.Tensor:
+        """Packed documents (no cache): each document aligned alone; an anchor token sees only its document's part."""
+        xt, device = self.cross[i], input_ids.device
+        rows = []  # per row: augmenting ids, their positions (restarting per document), [lo, hi) seen per query
+        for ids, row_docs in zip(input_ids.tolist(), docs.tolist()):
+            aug, pos, spans, start = [], [], [], 0
+            while start < len(ids):
+                end = start + 1
+                while end < len(ids) and row_docs[end] == row_docs[start]:
+                    end += 1
+                doc_ids, counts = xt.align(ids[start:end])
+                self._check_augment_length(i, len(doc_ids))
+                spans += [(len(aug), len(aug) + c) for c in counts]
+                aug, pos, start = aug + doc_ids, pos + list(range(len(doc_ids))), end
+            rows.append((aug, pos, spans))
+        width = max(1, max(len(a) for a, _, _ in rows))
+        aug_ids = torch.full((len(rows), width), xt.pad_id, dtype=torch.long)
+        positions = torch.arange(width).repeat(len(rows), 1)
+        lo, hi = torch.zeros(input_ids.shape, dtype=torch.long), torch.zeros(input_ids.shape, dtype=torch.long)
+        for b, (aug, pos, spans) in enumerate(rows):
+            aug_ids[b, : len(aug)] = torch.tensor(aug, dtype=torch.long)
+            positions[b, : len(pos)] = torch.tensor(pos, dtype=torch.long)
+            positions[b, len(pos) :] = torch.arange(width - len(pos))  # padding: a document of its own
+            lo[b], hi[b] = torch.tensor(spans, dtype=torch.long).T
+        positions = positions.to(device)
+        aug_docs = packing.document_ids(positions)
+        states = self._augment_states(i, aug_ids.to(device), None, positions, None, aug_docs)
+        for c in conns:
+            keys[c], values[c] = self.connections[c].keys_values(states[self.plan[c][1]])
+        cols = torch.arange(width)[None, None, :]
+        return ((cols >= lo[..., None]) & (cols < hi[..., None])).to(device)
 
     @staticmethod
     def _visible_from_counts(shape, width: int, rows, device) -> torch.Tensor:

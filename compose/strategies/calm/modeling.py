@@ -32,7 +32,7 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ... import arch
+from ... import arch, packing
 from .cache import CalmCache
 from .configuration import CalmConfig
 from .cross import CrossTokenizerMixin
@@ -234,26 +234,25 @@ class CalmForCausalLM(CrossTokenizerMixin, FrozenBasesMixin, PreTrainedModel, Ge
         return args, {**kwargs, "hidden_states": hidden + self._delta(INPUT, hidden, ctx)}
 
     # ------------------------------------------------------------------ forward
-    def _augment_states(self, index, input_ids, attention_mask, position_ids, cache) -> dict[int, torch.Tensor]:
-        base = self.augments[index].base_model
+    def _augment_states(self, i, input_ids, attention_mask, position_ids, cache, docs=None) -> dict[int, torch.Tensor]:
+        base = self.augments[i].base_model
         self._captured = [{} for _ in self.augments]
         try:
             with torch.no_grad():
                 base(
                     input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
                     use_cache=cache is not None,
                     **{_cache_argument(type(base)): cache},
+                    **packing.base_inputs(base, attention_mask, position_ids, docs),
                 )
         except StopForward:
             pass
         finally:
-            captured, self._captured = self._captured[index], None
+            captured, self._captured = self._captured[i], None
         return captured
 
-    def _context(self, input_ids, attention_mask, position_ids, cache, past: int) -> _Context:
-        """Run the augmenting models, project their states, and say which key each query sees."""
+    def _context(self, input_ids, attention_mask, position_ids, cache, past: int, docs=None) -> _Context:
+        """Run the augmenting models, project their states, and say which key each query sees (in its document)."""
         keys: list[torch.Tensor | None] = [None] * len(self.plan)
         values: list[torch.Tensor | None] = [None] * len(self.plan)
         visible: list[torch.Tensor | None] = [None] * len(self.augments)
@@ -261,13 +260,15 @@ class CalmForCausalLM(CrossTokenizerMixin, FrozenBasesMixin, PreTrainedModel, Ge
         for i in range(len(self.augments)):
             conns = [c for c, (a, _, _) in enumerate(self.plan) if a == i]
             if self.cross[i] is not None:
-                if cache is None:
+                if docs is not None:
+                    visible[i] = self._cross_documents(i, conns, input_ids, docs, keys, values)
+                elif cache is None:
                     visible[i] = self._cross_full(i, conns, input_ids, attention_mask, keys, values)
                 else:
                     visible[i] = self._cross_cached(i, conns, input_ids, attention_mask, cache, keys, values)
                 continue
             states = self._augment_states(
-                i, input_ids, attention_mask, position_ids, cache.augments[i] if cache else None
+                i, input_ids, attention_mask, position_ids, cache.augments[i] if cache else None, docs
             )
             for c in conns:
                 k, v = self.connections[c].keys_values(states[self.plan[c][1]])
@@ -276,7 +277,7 @@ class CalmForCausalLM(CrossTokenizerMixin, FrozenBasesMixin, PreTrainedModel, Ge
                 keys[c], values[c] = k, v
             query_index = torch.arange(past, past + input_ids.shape[1], device=device)
             key_index = torch.arange(past + input_ids.shape[1], device=device)
-            visible[i] = self.visibility[i](query_index, key_index, attention_mask)
+            visible[i] = packing.within_documents(self.visibility[i](query_index, key_index, attention_mask), docs)
         return _Context(keys, values, visible)
 
     @staticmethod
@@ -316,6 +317,7 @@ class CalmForCausalLM(CrossTokenizerMixin, FrozenBasesMixin, PreTrainedModel, Ge
         )
         batch, q_len = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
+        docs = packing.packed_documents(attention_mask, cache, position_ids)
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + q_len, dtype=torch.long, device=input_ids.device)
         if attention_mask.shape != (batch, past + q_len):
@@ -326,15 +328,14 @@ class CalmForCausalLM(CrossTokenizerMixin, FrozenBasesMixin, PreTrainedModel, Ge
         attention_mask = attention_mask.long()
         if position_ids is None:
             position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, -q_len:]
-        self._ctx = self._context(input_ids, attention_mask, position_ids, cache, past)
+        self._ctx = self._context(input_ids, attention_mask, position_ids, cache, past, docs)
         try:
             out = self.anchor(
                 input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
                 use_cache=cache is not None,
                 logits_to_keep=logits_to_keep,
                 **{_cache_argument(type(self.anchor)): cache.anchor if cache is not None else None},
+                **packing.base_inputs(self.anchor, attention_mask, position_ids, docs),
             )
         finally:
             self._ctx = None
