@@ -179,16 +179,11 @@ def _measure(c, data: dict[str, list[str]], cfg: RealLlamaProConfig) -> dict[str
     return {"code_bpb": code["bits_per_byte"], "english_bpb": english["bits_per_byte"]}
 
 
-def _run_one(method: str, setting: str, model_dir: Path, data, cfg: RealLlamaProConfig, out: Path, rank: int) -> dict:
-    done = out / setting / method / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    c, lr = _composer(method, model_dir, cfg, rank)
-    _log(f"[real] {setting:6s} {method:12s} lr {lr:g}, {_n_trainable(c):,} trainable")
-    t = time.time()
+def fit_resumable(c, data, cfg, *, steps: int, lr: float, out: Path, save_final: bool = False) -> None:
+    """``fit`` with the real experiments' shared settings, checkpointing into ``out`` (a killed run resumes)."""
     c.fit(
-        _train_docs(data, setting, cfg.replay),
-        max_steps=cfg.steps,
+        data,
+        max_steps=steps,
         learning_rate=lr,
         batch_size=cfg.batch_size,
         seq_len=cfg.seq_len,
@@ -197,10 +192,33 @@ def _run_one(method: str, setting: str, model_dir: Path, data, cfg: RealLlamaPro
         seed=cfg.seed,
         progress=False,
         report_to=None,
-        output_dir=str(out / setting / method / "run"),
-        save_every=max(1, cfg.steps // 3),
+        output_dir=str(out),
+        save_every=max(1, steps // 3),
         resume=True,
-        save_final=False,
+        save_final=save_final,
+    )
+
+
+def prepare(cfg, root=None) -> Path:
+    """Threads as configured; the model's plain folder (fetched and converted on first use)."""
+    import torch
+
+    from ..tasks.real import model_dir
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return model_dir(cfg.model, root)
+
+
+def _run_one(method: str, setting: str, model_dir: Path, data, cfg: RealLlamaProConfig, out: Path, rank: int) -> dict:
+    done = out / setting / method / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    c, lr = _composer(method, model_dir, cfg, rank)
+    _log(f"[real] {setting:6s} {method:12s} lr {lr:g}, {_n_trainable(c):,} trainable")
+    t = time.time()
+    fit_resumable(
+        c, _train_docs(data, setting, cfg.replay), cfg, steps=cfg.steps, lr=lr, out=out / setting / method / "run"
     )
     train_s = time.time() - t
     row = {"setting": setting, "method": method, "lr": lr, "trainable": _n_trainable(c), "train_s": round(train_s, 1)}
@@ -213,15 +231,10 @@ def _run_one(method: str, setting: str, model_dir: Path, data, cfg: RealLlamaPro
 
 def run_real_llama_pro(cfg: RealLlamaProConfig, out: str | Path, root=None) -> dict[str, Any]:
     """Run (or continue) every method x setting; the rows, the table and the Pareto plot."""
-    import torch
-
     from .. import Composer
-    from ..tasks.real import model_dir
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     out = Path(out)
-    path = model_dir(cfg.model, root)
+    path = prepare(cfg, root)
     data = corpora(cfg, root)
     base_file = out / "base.json"
     if base_file.is_file():

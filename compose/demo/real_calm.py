@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import _log, _markdown, _n_trainable
-from .real import lora_rank_for
+from .real import fit_resumable, lora_rank_for, prepare
 
 HELD_OUT_BOOKS = ("Ruth", "Jonah", "Phil")
 """Whole books kept out of every training set (narrative, prophecy, a letter)."""
@@ -92,24 +92,6 @@ def _splits(cfg: RealCalmConfig, root=None) -> dict[str, Any]:
     }
 
 
-def _fit(c, data, cfg: RealCalmConfig, steps: int, lr: float, out: Path) -> None:
-    c.fit(
-        data,
-        max_steps=steps,
-        learning_rate=lr,
-        batch_size=cfg.batch_size,
-        seq_len=cfg.seq_len,
-        warmup_ratio=0.06,
-        weight_decay=0.0,
-        seed=cfg.seed,
-        progress=False,
-        report_to=None,
-        output_dir=str(out),
-        save_every=max(1, steps // 2),
-        resume=True,
-    )
-
-
 def _translate(c, split: dict[str, Any], cfg: RealCalmConfig) -> tuple[float, list[str]]:
     import sacrebleu
     import torch
@@ -148,43 +130,35 @@ def _score(name: str, c, split, cfg: RealCalmConfig, out: Path, trainable: int) 
 
 def run_real_calm(cfg: RealCalmConfig, out: str | Path, root=None) -> dict[str, Any]:
     """Stage 1 (m_A), then CALM and the two controls; each scored; the table."""
-    import torch
-
     from .. import Composer
-    from ..tasks.real import model_dir
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     out = Path(out)
-    path = str(model_dir(cfg.model, root))
+    path = str(prepare(cfg, root))
     split = _splits(cfg, root)
     rows = [_score("m_B", Composer(path, strategy="full"), split, cfg, out, 0)]
     m_a_dir = out / "m_A" / "run" / "final"
     if not m_a_dir.is_dir():
         _log("[calm-ny] stage 1: m_A = SmolLM2 trained on the Chichewa Bible")
-        _fit(
-            Composer(path, strategy="full"),
-            split["chichewa_train"],
-            cfg,
-            cfg.stage1_steps,
-            cfg.stage1_lr,
-            out / "m_A" / "run",
-        )
+        stage1 = Composer(path, strategy="full")
+        fit_resumable(
+            stage1, split["chichewa_train"], cfg, steps=cfg.stage1_steps, lr=cfg.stage1_lr, out=out / "m_A" / "run",
+            save_final=True,
+        )  # fmt: skip
     m_a = Composer.load(m_a_dir)
     rows.append(_score("m_A", m_a, split, cfg, out, 0))
     calm = Composer(path, m_a.model, strategy="calm", every=cfg.every)
     n_calm = _n_trainable(calm)
     if not (out / "CALM" / "result.json").is_file():
-        _fit(calm, split["composition"], cfg, cfg.steps, cfg.calm_lr, out / "CALM" / "run")
+        fit_resumable(calm, split["composition"], cfg, steps=cfg.steps, lr=cfg.calm_lr, out=out / "CALM" / "run")
     rows.append(_score("CALM", calm, split, cfg, out, n_calm))
     rank = lora_rank_for(path, n_calm)
     lora = Composer(path, strategy="lora", r=rank, alpha=2 * rank)
     if not (out / "m_B+LoRA" / "result.json").is_file():
-        _fit(lora, split["composition"], cfg, cfg.steps, cfg.lora_lr, out / "m_B+LoRA" / "run")
+        fit_resumable(lora, split["composition"], cfg, steps=cfg.steps, lr=cfg.lora_lr, out=out / "m_B+LoRA" / "run")
     rows.append(_score("m_B+LoRA", lora, split, cfg, out, _n_trainable(lora)))
     ft = Composer(path, strategy="full")
     if not (out / "m_B fine-tuned" / "result.json").is_file():
-        _fit(ft, split["composition"], cfg, cfg.steps, cfg.ft_lr, out / "m_B fine-tuned" / "run")
+        fit_resumable(ft, split["composition"], cfg, steps=cfg.steps, lr=cfg.ft_lr, out=out / "m_B fine-tuned" / "run")
     rows.append(_score("m_B fine-tuned", ft, split, cfg, out, _n_trainable(ft)))
     result = {"config": asdict(cfg), "rows": rows, "lora_rank": rank, "held_out_books": HELD_OUT_BOOKS}
     (out / "real_calm.json").write_text(json.dumps(result, indent=1))
