@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,12 +22,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import packing
-from .arch import max_positions as arch_max_positions
 from .data import IGNORE, build_blocks, collate, load_records
 from .guards import check_eval_batch_size
 from .harness import lm_eval
-from .longdoc import encode_bounded
-from .scoring import Document, prefix_tokens, score_documents
+from .scoring import documents, model_positions, score_documents
 
 if TYPE_CHECKING:
     from .composer import Composer
@@ -89,52 +86,6 @@ def eval_loss_sums(
     return total, count
 
 
-def _documents(data: Any, tokenizer, text_field: str, prefix: list[int] | None, **load_kwargs: Any):
-    """Records of any source form -> :class:`~compose.scoring.Document` (one per record, in order)."""
-    records = load_records(data, text_field=text_field, **load_kwargs)
-    start: list[int] | None = None
-
-    def encode(text: Any, i: int, what: str) -> list[int]:
-        if not isinstance(text, str):
-            raise ValueError(f"record {i}: {what!r} must be a string, got {type(text).__name__}")
-        if tokenizer is None:
-            raise ValueError(
-                f"record {i} holds text but no tokenizer is known: pass tokenizer= to Composer or give 'input_ids'"
-            )
-        return encode_bounded(tokenizer, [text], False)[0]  # a long document in bounded tokenizer calls
-
-    for i, rec in enumerate(records):
-        ids = rec.get("input_ids")
-        if ids is not None:
-            yield Document(list(ids[:1]), list(ids[1:]))
-            continue
-        if start is None:
-            start = list(prefix) if prefix is not None else (prefix_tokens(tokenizer) if tokenizer is not None else [])
-        prompt, completion = rec.get("prompt"), rec.get("completion")
-        if prompt is not None and completion is not None:
-            text = completion
-            context, target = start + encode(prompt, i, "prompt"), encode(completion, i, "completion")
-        elif rec.get(text_field) is not None:
-            text = rec[text_field]
-            context, target = list(start), encode(text, i, text_field)
-        else:
-            raise ValueError(
-                f"record {i} has keys {sorted(k for k, v in rec.items() if v is not None)}; expected "
-                f"{text_field!r}, 'input_ids', or 'prompt' + 'completion'"
-            )
-        if not target:
-            continue
-        yield Document(context, target, len(text.encode("utf-8")), len(re.split(r"\s+", text)))
-
-
-def _model_positions(model: torch.nn.Module) -> int | None:
-    for owner in (model, getattr(model, "anchor", None)):
-        config = getattr(owner, "config", None)
-        if config is not None and arch_max_positions(config) is not None:
-            return arch_max_positions(config)
-    return None
-
-
 def evaluate_loss(
     composer: Composer,
     data: Any,
@@ -161,14 +112,14 @@ def evaluate_loss(
     check_eval_batch_size(batch_size)
     model = composer.model
     if seq_len is None:
-        seq_len = min(_model_positions(model) or 2048, 2048)
+        seq_len = min(model_positions(model) or 2048, 2048)
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
     composer._check_positions(seq_len)  # every base model's limit, the augmenting ones' too
     if max_documents is None and max_batches is not None:
         max_documents = max_batches * batch_size
     prefix = [prefix_token_id] if isinstance(prefix_token_id, int) else prefix_token_id
-    docs = _documents(data, composer.tokenizer, text_field, prefix, **load_kwargs)
+    docs = documents(load_records(data, text_field=text_field, **load_kwargs), composer.tokenizer, text_field, prefix)
     return score_documents(
         model,
         docs,

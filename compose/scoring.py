@@ -28,7 +28,18 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Document", "rolling_windows", "prefix_tokens", "score_documents", "LOGITS_BUDGET"]
+from .arch import max_positions
+from .longdoc import encode_bounded
+
+__all__ = [
+    "Document",
+    "documents",
+    "rolling_windows",
+    "prefix_tokens",
+    "score_documents",
+    "LOGITS_BUDGET",
+    "model_positions",
+]
 
 LOGITS_BUDGET = 2**30
 """Bytes of fp32 logits one forward may produce; batches shrink to stay under it (262k vocabularies)."""
@@ -89,6 +100,55 @@ def prefix_tokens(tokenizer) -> list[int]:
 
 def _words(text: str) -> int:
     return len(re.split(r"\s+", text))
+
+
+def documents(records: Iterable[dict], tokenizer, text_field: str = "text", prefix: list[int] | None = None):
+    """Records -> :class:`Document` (one per record, in order; empty texts skipped).
+
+    ``prefix``: what the first token is predicted from (default :func:`prefix_tokens`).
+    """
+    start: list[int] | None = None
+
+    def encode(text: object, i: int, what: str) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"record {i}: {what!r} must be a string, got {type(text).__name__}")
+        if tokenizer is None:
+            raise ValueError(
+                f"record {i} holds text but no tokenizer is known: pass tokenizer= to Composer or give 'input_ids'"
+            )
+        return encode_bounded(tokenizer, [text], False)[0]  # a long document in bounded tokenizer calls
+
+    for i, rec in enumerate(records):
+        ids = rec.get("input_ids")
+        if ids is not None:
+            yield Document(list(ids[:1]), list(ids[1:]))
+            continue
+        if start is None:
+            start = list(prefix) if prefix is not None else (prefix_tokens(tokenizer) if tokenizer is not None else [])
+        prompt, completion = rec.get("prompt"), rec.get("completion")
+        if prompt is not None and completion is not None:
+            text = completion
+            context, target = start + encode(prompt, i, "prompt"), encode(completion, i, "completion")
+        elif rec.get(text_field) is not None:
+            text = rec[text_field]
+            context, target = list(start), encode(text, i, text_field)
+        else:
+            raise ValueError(
+                f"record {i} has keys {sorted(k for k, v in rec.items() if v is not None)}; expected "
+                f"{text_field!r}, 'input_ids', or 'prompt' + 'completion'"
+            )
+        if not target:
+            continue
+        yield Document(context, target, len(text.encode("utf-8")), len(re.split(r"\s+", text)))
+
+
+def model_positions(model: torch.nn.Module) -> int | None:
+    """The position limit of a model (a CALM composition: its anchor's), or ``None``."""
+    for owner in (model, getattr(model, "anchor", None)):
+        config = getattr(owner, "config", None)
+        if config is not None and max_positions(config) is not None:
+            return max_positions(config)
+    return None
 
 
 def _budget_rows(length: int, vocab: int, batch_size: int) -> int:
