@@ -93,7 +93,9 @@ def check_resume_settings(path: Path, state: dict[str, Any], config: Any, world:
 def _tensor_sample(t: torch.Tensor) -> bytes:
     flat = t.detach().reshape(-1)
     if flat.numel() > _SAMPLE:
-        flat = flat[torch.linspace(0, flat.numel() - 1, _SAMPLE, device=flat.device).long()]
+        # integer steps: float32 linspace rounds n - 1 up to n past 2**24 elements (a 49k x 576 embedding)
+        idx = torch.arange(_SAMPLE, dtype=torch.int64, device=flat.device) * (flat.numel() - 1) // (_SAMPLE - 1)
+        flat = flat[idx]
     # rounded to bf16: the same weights loaded in fp32, bf16 or fp16 give (nearly always) the same print
     return flat.to("cpu", torch.float32).to(torch.bfloat16).float().numpy().tobytes()
 

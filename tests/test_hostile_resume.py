@@ -7,6 +7,7 @@ import shutil
 import warnings
 
 import pytest
+import torch
 
 from compose import Composer
 from compose.resume import FIXED
@@ -153,3 +154,13 @@ def test_restart_from_step_0_drops_a_killed_runs_metrics(tmp_path):
     _composer().fit(_data(), max_steps=3, output_dir=str(out), resume=True, **FIT)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_fingerprint_samples_tensors_past_float32_precision():
+    """SmolLM2's embedding (49,152 x 576 elements): a float32 linspace of its indices ended one past the last."""
+    from compose.resume import _SAMPLE, _tensor_sample
+
+    t = torch.zeros(49_152 * 576, dtype=torch.uint8)
+    t[-1] = 7
+    sample = _tensor_sample(t)
+    assert len(sample) == _SAMPLE * 4 and sample[-4:] != b"\0\0\0\0"  # the last element is sampled
