@@ -238,3 +238,27 @@ def test_real_gemma3_block_expand_and_cross_tokenizer_calm(tmp_path):
         ids = a_tok(text, return_tensors="pt")
         with torch.no_grad():
             assert torch.equal(calm.model(**ids).logits, anchor(**ids).logits)
+
+
+def test_demo_real_runs_the_quick_experiment_and_explains_a_failed_fetch(tmp_path, monkeypatch, capsys):
+    import compose.demo.real as real_demo
+    from compose.demo.__main__ import main
+
+    seen = {}
+
+    def fake_run(cfg, out, root=None):
+        seen.update(cfg=cfg, out=out)
+        return {"rows": []}
+
+    monkeypatch.setattr(real_demo, "run_real_llama_pro", fake_run)
+    main(["--real", "--out", str(tmp_path), "--threads", "1"])
+    assert seen["cfg"].steps == real_demo.QUICK_REAL.steps and seen["cfg"].threads == 1
+    assert seen["out"] == tmp_path / "real"
+
+    def offline(cfg, out, root=None):
+        raise RuntimeError("could not fetch SmolLM2-135M-Instruct (no network). It installs from PyPI")
+
+    monkeypatch.setattr(real_demo, "run_real_llama_pro", offline)
+    with pytest.raises(SystemExit):
+        main(["--real", "--out", str(tmp_path)])
+    assert "could not fetch SmolLM2" in capsys.readouterr().out
