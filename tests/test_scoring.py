@@ -180,3 +180,18 @@ def test_a_directory_or_glob_of_files_is_one_document_per_file(tmp_path):
     (src / "blob.bin").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ValueError, match="blob.bin: not UTF-8"):
         load_records(str(src))
+
+
+def test_calm_evaluate_is_the_per_document_measure():
+    tok = tiny_tokenizer()
+    anchor, aug = tiny_model("llama", seed=2, hidden=48, heads=6), tiny_model("gpt2", seed=3)
+    c = Composer(anchor, aug, strategy="calm", every=2, tokenizer=tok)
+    with torch.no_grad():  # move the connections off their identity init
+        for p in c.model.connections.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.3)
+    got = c.evaluate(DOCS, seq_len=16, batch_size=2)
+    ll, n = 0.0, 0
+    for text in DOCS:
+        s, k = _reference(c.model, tok, text, 16)
+        ll, n = ll + s, n + k
+    assert got["tokens"] == n and got["loss"] == pytest.approx(-ll / n, rel=1e-5)
