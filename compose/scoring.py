@@ -99,6 +99,7 @@ def prefix_tokens(tokenizer) -> list[int]:
 
 
 def _words(text: str) -> int:
+    """Words as lm-eval's ``wikitext`` task counts them (split at whitespace runs)."""
     return len(re.split(r"\s+", text))
 
 
@@ -139,7 +140,7 @@ def documents(records: Iterable[dict], tokenizer, text_field: str = "text", pref
             )
         if not target:
             continue
-        yield Document(context, target, len(text.encode("utf-8")), len(re.split(r"\s+", text)))
+        yield Document(context, target, len(text.encode("utf-8")), _words(text))
 
 
 def model_positions(model: torch.nn.Module) -> int | None:

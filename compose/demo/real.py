@@ -248,12 +248,11 @@ def run_real_llama_pro(cfg: RealLlamaProConfig, out: str | Path, root=None) -> d
     code = [("code", m) for m in cfg.methods] if "code" in cfg.settings else []
     replay = [("replay", m) for m in cfg.replay_methods] if "replay" in cfg.settings else []
     runs = code[:4] + replay[:2] + code[4:] + replay[2:]  # the main comparisons first: a cut-short run has them
-    rows = [_run_one(m, s, path, data, cfg, out, rank) for s, m in runs]
-    table = summarize(rows, base)
-    result = {"config": asdict(cfg), "base": base, "rows": table, "lora_matched_rank": rank}
+    for setting, method in runs:
+        _run_one(method, setting, path, data, cfg, out, rank)
+    # the table of every finished run under `out` (earlier invocations' settings included)
+    result = {"config": asdict(cfg), **report(out), "lora_matched_rank": rank}
     (out / "real_llama_pro.json").write_text(json.dumps(result, indent=1))
-    plot_pareto(table, out / "real_llama_pro.png")
-    _log(_markdown(table, digits=4))
     return result
 
 
