@@ -49,8 +49,8 @@ def test_function_body_stops_at_the_next_top_level_line():
 
 
 def test_pass_at_1_scores_completions_and_a_hanging_one_fails():
-    answers = {"add": "    return a + b\n\nassert False\n", "square": "    while True:\n        pass\n"}
+    answers = {"add": "\n    return a + b\n\nassert False\n", "square": "\n    while True:\n        pass\n"}
     chosen = [p for p in PROBLEMS if p.name in answers]
-    by_prompt = {p.prompt: answers[p.name] for p in chosen}
+    by_prompt = {p.prompt.rstrip("\n"): answers[p.name] for p in chosen}  # the prompt stops at the closing quotes
     score, rows = pass_at_1(lambda prompt: by_prompt[prompt], chosen)
     assert rows[0]["passed"] and not rows[1]["passed"] and score == 50.0

@@ -199,6 +199,20 @@ def fit_resumable(c, data, cfg, *, steps: int, lr: float, out: Path, save_final:
     )
 
 
+def frozen_unchanged(calm_model, *sources) -> bool:
+    """Whether CALM's anchor and augmenting models are bit-identical to freshly loaded ``sources``
+    (anchor first) after training: only the composition layers may have moved."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    for model, source in zip([calm_model.anchor, *calm_model.augments], sources):
+        fresh = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).state_dict()
+        mine = model.state_dict()
+        if mine.keys() != fresh.keys() or not all(torch.equal(mine[k], fresh[k]) for k in fresh):
+            return False
+    return True
+
+
 def prepare(cfg, root=None) -> Path:
     """Threads as configured; the model's plain folder (fetched and converted on first use)."""
     import torch

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import _log, _markdown, _n_trainable
-from .real import fit_resumable, lora_rank_for, prepare
+from .real import fit_resumable, frozen_unchanged, lora_rank_for, prepare
 
 HELD_OUT_BOOKS = ("Ruth", "Jonah", "Phil")
 """Whole books kept out of every training set (narrative, prophecy, a letter)."""
@@ -151,6 +151,9 @@ def run_real_calm(cfg: RealCalmConfig, out: str | Path, root=None) -> dict[str, 
     if not (out / "CALM" / "result.json").is_file():
         fit_resumable(calm, split["composition"], cfg, steps=cfg.steps, lr=cfg.calm_lr, out=out / "CALM" / "run")
     rows.append(_score("CALM", calm, split, cfg, out, n_calm))
+    unchanged = frozen_unchanged(calm.model, path, str(m_a_dir))
+    _log(f"[calm-ny] anchor and augmenting model bit-identical to their sources after training: {unchanged}")
+    del calm
     rank = lora_rank_for(path, n_calm)
     lora = Composer(path, strategy="lora", r=rank, alpha=2 * rank)
     if not (out / "m_B+LoRA" / "result.json").is_file():
@@ -160,7 +163,10 @@ def run_real_calm(cfg: RealCalmConfig, out: str | Path, root=None) -> dict[str, 
     if not (out / "m_B fine-tuned" / "result.json").is_file():
         fit_resumable(ft, split["composition"], cfg, steps=cfg.steps, lr=cfg.ft_lr, out=out / "m_B fine-tuned" / "run")
     rows.append(_score("m_B fine-tuned", ft, split, cfg, out, _n_trainable(ft)))
-    result = {"config": asdict(cfg), "rows": rows, "lora_rank": rank, "held_out_books": HELD_OUT_BOOKS}
+    result = {
+        "config": asdict(cfg), "rows": rows, "lora_rank": rank, "held_out_books": HELD_OUT_BOOKS,
+        "frozen_models_unchanged": unchanged,
+    }  # fmt: skip
     (out / "real_calm.json").write_text(json.dumps(result, indent=1))
     _log(_markdown(rows, digits=3))
     return result

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import _log, _markdown, _n_trainable
-from .real import RealLlamaProConfig, corpora, fit_resumable, lora_rank_for, prepare
+from .real import RealLlamaProConfig, corpora, fit_resumable, frozen_unchanged, lora_rank_for, prepare
 
 
 @dataclass
@@ -110,13 +110,15 @@ def run_real_code_calm(cfg: RealCodeCalmConfig, out: str | Path, root=None) -> d
     if not (out / "CALM" / "result.json").is_file():
         fit_resumable(calm, data["code_train"], cfg, steps=cfg.steps, lr=cfg.calm_lr, out=out / "CALM" / "run")
     rows.append(_score("CALM", calm, data, cfg, out, n_calm))
+    unchanged = frozen_unchanged(calm.model, anchor, augment)
+    _log(f"[calm-code] anchor and augmenting model bit-identical to their sources after training: {unchanged}")
     del calm
     rank = lora_rank_for(anchor, n_calm)
     lora = Composer(anchor, strategy="lora", r=rank, alpha=2 * rank)
     if not (out / "m_B+LoRA" / "result.json").is_file():
         fit_resumable(lora, data["code_train"], cfg, steps=cfg.steps, lr=cfg.lora_lr, out=out / "m_B+LoRA" / "run")
     rows.append(_score("m_B+LoRA", lora, data, cfg, out, _n_trainable(lora)))
-    result = {"config": asdict(cfg), "rows": rows, "lora_rank": rank}
+    result = {"config": asdict(cfg), "rows": rows, "lora_rank": rank, "frozen_models_unchanged": unchanged}
     (out / "real_code_calm.json").write_text(json.dumps(result, indent=1))
     _log(_markdown(rows, digits=4))
     return result

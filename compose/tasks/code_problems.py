@@ -98,10 +98,17 @@ def passes(program: str, timeout: float = 5.0) -> bool:
 
 
 def pass_at_1(complete, problems=PROBLEMS) -> tuple[float, list[dict]]:
-    """Greedy pass@1 (%): ``complete(prompt) -> text`` is called once per problem."""
+    """Greedy pass@1 (%): ``complete(prompt) -> text`` is called once per problem.
+
+    The prompt given to ``complete`` ends at the docstring's closing quotes, without the line
+    break: byte-pair vocabularies hold the line break and the body's indentation as one token, so a
+    prompt ending in a bare line break asks the model to continue from a token boundary it rarely
+    saw (SmolLM2-135M then answers with prose instead of code).
+    """
     rows = []
     for problem in problems:
-        body = function_body(complete(problem.prompt))
-        ok = passes(problem.prompt + body + "\n\n" + problem.tests)
+        prompt = problem.prompt.rstrip("\n")
+        body = function_body(complete(prompt))
+        ok = passes(prompt + body + "\n\n" + problem.tests)
         rows.append({"name": problem.name, "passed": ok, "completion": body})
     return 100.0 * sum(r["passed"] for r in rows) / len(rows), rows
