@@ -2,7 +2,7 @@
 
 accelerate 1.x only enters DeepSpeed mode from its GPU launch modes; compose switches a DeepSpeed
 launch on a machine without GPUs to DeepSpeed, whose CPU accelerator runs ZeRO over gloo. The
-processes are started with the shipped accelerate configs (``recipes/accelerate/zero2.yaml`` and
+processes are started with the shipped accelerate configs (``launch/zero2.yaml`` and
 ``zero3.yaml``) plus ``--num_processes 2 --mixed_precision no``. Skipped when deepspeed is not
 installed (it is an optional extra: ``pip install 'compose-llm[deepspeed]'``).
 """
@@ -29,7 +29,7 @@ needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not
 
 
 def launch(stage: int) -> list[str]:
-    config = ROOT / "recipes" / "accelerate" / f"zero{stage}.yaml"
+    config = ROOT / "launch" / f"zero{stage}.yaml"
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)] + [
         "--num_processes",
         "2",
@@ -186,7 +186,7 @@ def test_deepspeed_launch_without_deepspeed_names_the_extra(monkeypatch):
 def test_zero_bf16_on_two_gpus_resumes_and_saves(tmp_path, stage):
     """The shipped configs as they are meant to run: NCCL, a bf16 engine (fit's mixed_precision='auto')."""
     gpu = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    gpu += [str(ROOT / "recipes" / "accelerate" / f"zero{stage}.yaml"), "--num_processes", "2"]
+    gpu += [str(ROOT / "launch" / f"zero{stage}.yaml"), "--num_processes", "2"]
     args = ["--strategy", "block_expand", "--steps", "4", "--save-every", "1", "--batch-size", "1"]
     out = run(gpu + [str(SCRIPT), "--out", str(tmp_path / "whole")] + args)
     assert f"compose: training under DeepSpeed ZeRO-{stage} on 2 processes" in out

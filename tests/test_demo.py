@@ -197,25 +197,17 @@ def test_mix_operands_towards_the_key_embedding():
         task.mix_operands(model, key_p=0.5, key_max_weight=1.0)
 
 
-def test_summary_line_reports_seeds_and_the_grid(tmp_path):
+def test_summary_line_reports_the_runs_own_seeds():
     from compose.demo.kv import summary_line
 
     rows = [
         {"task": "numeric arithmetic", "CALM seed 0": 99.0, "CALM seed 3": 98.0, "CALM min": 98.0, "CALM mean": 98.5},
         {"task": "KV-arithmetic", "CALM seed 0": 81.0, "CALM seed 3": 90.0, "CALM min": 81.0, "CALM mean": 85.5},
     ]
-    line = summary_line(rows, grid=tmp_path / "missing.json")
-    assert "2 composition seed(s) (seed 0: 81.0%, seed 3: 90.0%): min 81.0%, mean 85.5%" in line
-    assert "grid" not in line
-    grid = tmp_path / "grid.json"
-    runs = {
-        str(i): {"variant": v, "override": o, "held-out": h}
-        for i, (v, o, h) in enumerate(
-            [("demo", {}, 70.0), ("demo", {}, 90.0), ("paper", {}, 10.0), ("demo", {"calm_steps": 9}, 5.0)]
-        )
-    }
-    grid.write_text(json.dumps(runs))
-    assert "over 2 runs of the seed x thread grid (docs/results.md): min 70.0%, mean 80.0%" in summary_line(rows, grid)
+    line = summary_line(rows)
+    assert line == (
+        "CALM on held-out-key KV-arithmetic, 2 composition seed(s) (seed 0: 81.0%, seed 3: 90.0%): min 81.0%, mean 85.5%"
+    )
 
 
 def test_grid_table_goes_between_its_markers(tmp_path):

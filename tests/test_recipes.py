@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from compose.recipe import RecipeError, check_recipe, load_recipe, run_recipe, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 TINY_DATA = ROOT / "recipes" / "tiny" / "data"
 
 

@@ -18,8 +18,8 @@ Everything is trained here, on data the machine already has; nothing is download
 2. **CALM key-value arithmetic** (CALM, Table 1). m_A memorises ``key -> value``; the
    anchor m_B does arithmetic; the composition trains on expressions over 20% of the
    keys and is scored (exact match) on expressions over the held-out 80%. The summary
-   gives the held-out result of each composition seed, their minimum and mean, and the
-   spread of the same configuration over base seeds and thread counts measured by
+   gives the held-out result of each composition seed, their minimum and mean; the spread
+   of the same configuration over base seeds and thread counts is measured by
    ``bench/kv_grid.py`` (``docs/results.md``).
 
 Results go to ``--out`` as ``results.json`` plus one PNG per experiment, and tables are

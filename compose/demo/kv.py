@@ -266,32 +266,15 @@ def run_kv(cfg: KVConfig, out: Path) -> dict[str, Any]:
     }
 
 
-#: The grid's results shipped with the package's repository (``bench/kv_grid.py`` writes it).
-GRID_JSON = Path(__file__).resolve().parents[2] / "docs" / "results" / "kv_grid.json"
-
-
-def summary_line(rows: list[dict[str, Any]], grid: Path | None = GRID_JSON) -> str:
-    """The held-out KV-arithmetic result over this run's composition seeds, as the demo prints it,
-    followed by the spread of the demo's configuration over the seed x thread grid when ``grid``
-    (``docs/results/kv_grid.json``) is there."""
+def summary_line(rows: list[dict[str, Any]]) -> str:
+    """The held-out KV-arithmetic result over this run's composition seeds, as the demo prints it."""
     row = next(r for r in rows if r["task"] == "KV-arithmetic")
     seeds = [k for k in row if k.startswith("CALM seed ")]
     each = ", ".join(f"{k[5:]}: {row[k]:.1f}%" for k in seeds)
-    line = (
+    return (
         f"CALM on held-out-key KV-arithmetic, {len(seeds)} composition seed(s) ({each}): "
         f"min {row['CALM min']:.1f}%, mean {row['CALM mean']:.1f}%"
     )
-    if grid is not None and grid.is_file():
-        import json
-
-        runs = [r for r in json.loads(grid.read_text()).values() if r["variant"] == "demo" and not r["override"]]
-        if runs:
-            held = [r["held-out"] for r in runs]
-            line += (
-                f"\nThe same configuration over {len(runs)} runs of the seed x thread grid "
-                f"(docs/results.md): min {min(held):.1f}%, mean {sum(held) / len(held):.1f}%"
-            )
-    return line
 
 
 def _examples(task, calm, records: list[dict]) -> list[dict[str, str]]:
