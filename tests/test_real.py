@@ -242,6 +242,7 @@ def test_real_gemma3_block_expand_and_cross_tokenizer_calm(tmp_path):
 
 def test_demo_real_runs_the_quick_experiment_and_explains_a_failed_fetch(tmp_path, monkeypatch, capsys):
     import compose.demo.real as real_demo
+    import compose.demo.real_calm as calm_demo
     from compose.demo.__main__ import main
 
     seen = {}
@@ -250,10 +251,17 @@ def test_demo_real_runs_the_quick_experiment_and_explains_a_failed_fetch(tmp_pat
         seen.update(cfg=cfg, out=out)
         return {"rows": []}
 
+    def fake_calm(cfg, out, root=None):
+        seen.update(calm_cfg=cfg, calm_out=out)
+        return {"rows": []}
+
     monkeypatch.setattr(real_demo, "run_real_llama_pro", fake_run)
-    main(["--real", "--out", str(tmp_path), "--threads", "1"])
+    monkeypatch.setattr(calm_demo, "run_real_calm", fake_calm)
+    result = main(["--real", "--out", str(tmp_path), "--threads", "1"])
     assert seen["cfg"].steps == real_demo.QUICK_REAL.steps and seen["cfg"].threads == 1
     assert seen["out"] == tmp_path / "real"
+    assert seen["calm_cfg"] == calm_demo.QUICK_REAL_CALM.__class__(**{**vars(calm_demo.QUICK_REAL_CALM), "threads": 1})
+    assert seen["calm_out"] == tmp_path / "real" / "calm_chichewa" and result["calm"] == {"rows": []}
 
     def offline(cfg, out, root=None):
         raise RuntimeError("could not fetch SmolLM2-135M-Instruct (no network). It installs from PyPI")

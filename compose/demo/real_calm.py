@@ -50,6 +50,10 @@ class RealCalmConfig:
     threads: int | None = None
 
 
+QUICK_REAL_CALM = RealCalmConfig(stage1_steps=12, steps=12, test_pairs=10, max_new_tokens=40)
+"""The demo's quick version (``python -m compose.demo --real``): the same stages, fewer steps and pairs."""
+
+
 def parallel_verses(root=None) -> list[tuple[str, str, str]]:
     """``(book, chichewa, english)`` for every verse both Bibles have (Protestant canon, book order)."""
     from ..tasks.real import chichewa_bible, web_bible
