@@ -1,7 +1,7 @@
 """Evaluation: perplexity on named sets, exact-match generation tasks, forgetting, plots.
 
 Every function takes a :class:`~compose.Composer`, so the same evaluation runs for every
-strategy. Plots use matplotlib's ``Agg`` backend (no display needed) and write PNGs.
+strategy. Tables and plots of the results: :mod:`compose.reports` (re-exported here).
 
 >>> from compose import Composer
 >>> from compose.testing import tiny_model
@@ -14,17 +14,17 @@ strategy. Plots use matplotlib's ``Agg`` backend (no display needed) and write P
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import packing
 from .data import IGNORE, build_blocks, collate, load_records
+from .data.padding import pad_batch, pad_id_of
 from .guards import check_eval_batch_size
 from .harness import lm_eval
+from .reports import forgetting_report, format_table, plot_forgetting, plot_history, plot_perplexity
 from .scoring import documents, model_positions, score_documents
 
 if TYPE_CHECKING:
@@ -149,14 +149,8 @@ def packed_loss(
     model = composer.model
     if seq_len is None:
         seq_len = min(getattr(model.config, "max_position_embeddings", None) or 1024, 1024)
-    pad = getattr(model.config, "pad_token_id", None)
     blocks = build_blocks(
-        data,
-        composer.tokenizer,
-        seq_len,
-        packing=packing,
-        pad_token_id=pad if isinstance(pad, int) and pad >= 0 else 0,
-        **data_kwargs,
+        data, composer.tokenizer, seq_len, packing=packing, pad_token_id=pad_id_of(model.config), **data_kwargs
     )
     device = next(model.parameters()).device
     total, count = eval_loss_sums(model, blocks, batch_size, device, max_batches=max_batches)
@@ -232,17 +226,8 @@ def exact_match(
 
     Returns ``{"accuracy", "correct", "total", "predictions"}``.
     """
-    records = load_records(examples) if not isinstance(examples, (list, tuple)) else list(examples)
     tok = composer.tokenizer
-    prompts, answers, text_mode = [], [], []
-    for i, rec in enumerate(records):
-        if prompt_field not in rec or answer_field not in rec:
-            raise ValueError(f"example {i} has keys {sorted(rec)}; expected {prompt_field!r} and {answer_field!r}")
-        prompts.append(_as_ids(rec[prompt_field], tok, prompt_field, i, special=True))
-        answers.append(rec[answer_field])
-        text_mode.append(isinstance(rec[answer_field], str))
-    if not prompts:
-        raise ValueError("no examples to evaluate")
+    prompts, answers, text_mode = _examples(examples, tok, prompt_field, answer_field)
     answer_lens = [
         len(_as_ids(a, tok, answer_field, i, special=False)) if (not t or tok is not None) else len(a)
         for i, (a, t) in enumerate(zip(answers, text_mode))
@@ -253,163 +238,40 @@ def exact_match(
     predictions: list[Any] = []
     correct = 0
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, p in enumerate(chunk):
-            ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[r, width - len(p) :] = 1
+        ids, mask = pad_batch(prompts[start : start + batch_size], pad, side="left")
         out = composer.generate(
             ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
         )
-        new = out[:, width:].cpu()
-        for r in range(len(chunk)):
-            i = start + r
-            gen = new[r].tolist()
-            if text_mode[i]:
-                pred = tok.decode(gen, skip_special_tokens=True) if tok is not None else ""
-                if stop:
-                    # the first non-empty segment: a model may open its answer with the stop string
-                    pred = next((part for part in pred.split(stop) if part.strip()), "")
-                ok = normalize(pred) == normalize(answers[i])
-            else:
-                pred = gen[: len(answers[i])]
-                ok = pred == [int(t) for t in answers[i]]
+        for r, gen in enumerate(out[:, ids.shape[1] :].cpu().tolist()):
+            pred, ok = _judge(gen, answers[start + r], text_mode[start + r], tok, stop, normalize)
             predictions.append(pred)
             correct += int(ok)
     total = len(prompts)
     return {"accuracy": correct / total, "correct": correct, "total": total, "predictions": predictions}
 
 
-def _ppl(value: Any) -> float:
-    if isinstance(value, Mapping):
-        return float(value["perplexity"])
-    return float(value)
+def _examples(examples: Any, tok, prompt_field: str, answer_field: str) -> tuple[list[list[int]], list, list[bool]]:
+    """The prompts (as token ids), the answers (as given) and whether each answer is text."""
+    records = load_records(examples) if not isinstance(examples, (list, tuple)) else list(examples)
+    prompts, answers, text_mode = [], [], []
+    for i, rec in enumerate(records):
+        if prompt_field not in rec or answer_field not in rec:
+            raise ValueError(f"example {i} has keys {sorted(rec)}; expected {prompt_field!r} and {answer_field!r}")
+        prompts.append(_as_ids(rec[prompt_field], tok, prompt_field, i, special=True))
+        answers.append(rec[answer_field])
+        text_mode.append(isinstance(rec[answer_field], str))
+    if not prompts:
+        raise ValueError("no examples to evaluate")
+    return prompts, answers, text_mode
 
 
-def forgetting_report(
-    before: Mapping[str, Any], after: Mapping[str, Any], *, domain: Iterable[str] = ()
-) -> list[dict[str, Any]]:
-    """Perplexity change per named set between two :func:`perplexity_report` results (or ``{name: ppl}``).
-
-    Sets named in ``domain`` are labelled ``"domain"`` (where training should help), the
-    others ``"general"`` (where it should not hurt: the forgetting). Rows hold ``set``,
-    ``kind``, ``before``, ``after``, ``change`` (after - before) and ``relative``
-    (after / before - 1). Only sets present in both are compared.
-    """
-    domain = set(domain)
-    rows = []
-    for name in before:
-        if name not in after:
-            continue
-        b, a = _ppl(before[name]), _ppl(after[name])
-        rows.append(
-            {
-                "set": name,
-                "kind": "domain" if name in domain else "general",
-                "before": b,
-                "after": a,
-                "change": a - b,
-                "relative": a / b - 1 if b else float("nan"),
-            }
-        )
-    return rows
-
-
-def format_table(rows: list[Mapping[str, Any]], *, digits: int = 3) -> str:
-    """A markdown table of ``rows`` (dicts with the same keys); floats rounded to ``digits``."""
-    if not rows:
-        return ""
-    keys = list(rows[0])
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.{digits}f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_history(
-    history: list[Mapping[str, float]],
-    path: str | os.PathLike,
-    *,
-    keys: Iterable[str] = ("loss", "eval_loss"),
-    title: str | None = None,
-) -> Path:
-    """Line plot of ``keys`` against ``step`` from a ``fit`` history (``Composer.history``)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in keys:
-        points = [(h["step"], h[key]) for h in history if h.get(key) is not None]
-        if points:
-            ax.plot(*zip(*points), marker="." if len(points) < 50 else None, label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    return _save(fig, path)
-
-
-def plot_perplexity(
-    reports: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, *, title: str | None = None, log: bool = True
-) -> Path:
-    """Grouped bars: one group per eval set, one bar per model (``{model_label: perplexity_report}``)."""
-    plt = _pyplot()
-    labels = list(reports)
-    sets: list[str] = []
-    for rep in reports.values():
-        sets += [s for s in rep if s not in sets]
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(sets) * max(1, len(labels)) / 2 + 2), 4))
-    width = 0.8 / max(1, len(labels))
-    for k, label in enumerate(labels):
-        xs = [i + k * width for i, s in enumerate(sets) if s in reports[label]]
-        ys = [_ppl(reports[label][s]) for s in sets if s in reports[label]]
-        ax.bar(xs, ys, width, label=label)
-    ax.set_xticks([i + width * (len(labels) - 1) / 2 for i in range(len(sets))], sets)
-    ax.set_ylabel("perplexity")
-    if log:
-        ax.set_yscale("log")
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    return _save(fig, path)
-
-
-def plot_forgetting(rows: list[Mapping[str, Any]], path: str | os.PathLike, *, title: str | None = None) -> Path:
-    """Horizontal bars of relative perplexity change per set (from :func:`forgetting_report`)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 1 + 0.5 * max(1, len(rows))))
-    names = [f"{r['set']} ({r['kind']})" for r in rows]
-    values = [100 * r["relative"] for r in rows]
-    colors = ["tab:green" if v <= 0 else "tab:red" for v in values]
-    ax.barh(names, values, color=colors)
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_xlabel("perplexity change (%)")
-    if title:
-        ax.set_title(title)
-    return _save(fig, path)
-
-
-def _save(fig, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
+def _judge(gen: list[int], answer: Any, text: bool, tok, stop: str | None, normalize) -> tuple[Any, bool]:
+    """The prediction read from the generated ids ``gen``, and whether it matches ``answer``."""
+    if text:
+        pred = tok.decode(gen, skip_special_tokens=True) if tok is not None else ""
+        if stop:
+            # the first non-empty segment: a model may open its answer with the stop string
+            pred = next((part for part in pred.split(stop) if part.strip()), "")
+        return pred, normalize(pred) == normalize(answer)
+    pred = gen[: len(answer)]
+    return pred, pred == [int(t) for t in answer]

@@ -205,17 +205,8 @@ def lm_eval(
         net.to(device)
     was_training = net.training
     try:
-        # HFLM warns about accelerate and parallelize options whenever it is handed a loaded
-        # model; none of them apply here.
-        hf_logger = logging.getLogger("lm_eval.models.huggingface")
-        level = hf_logger.level
-        hf_logger.setLevel(logging.ERROR)
-        try:
-            wrapped = HFLM(pretrained=net, tokenizer=tok, batch_size=batch_size)
-        finally:
-            hf_logger.setLevel(level)
         raw = simple_evaluate(
-            model=wrapped,
+            model=_hflm(HFLM, net, tok, batch_size),
             tasks=names,
             num_fewshot=num_fewshot,
             limit=limit,
@@ -228,3 +219,16 @@ def lm_eval(
     if raw is None:  # non-main ranks under torch.distributed get nothing back
         return LmEvalResults({}, {})
     return LmEvalResults(compact_results(raw), raw)
+
+
+def _hflm(HFLM, net: nn.Module, tok: Any, batch_size: int):
+    """The harness's ``HFLM`` around the loaded model ``net``."""
+    # HFLM warns about accelerate and parallelize options whenever it is handed a loaded
+    # model; none of them apply here.
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    level = hf_logger.level
+    hf_logger.setLevel(logging.ERROR)
+    try:
+        return HFLM(pretrained=net, tokenizer=tok, batch_size=batch_size)
+    finally:
+        hf_logger.setLevel(level)

@@ -11,25 +11,25 @@ compose never destroys what it did not write:
 * a kill between the two renames of a swap leaves hidden ``.NAME.old-*``/``.NAME.tmp-*``
   siblings; the next use of the directory (:func:`recover_directory`) puts the newest
   complete copy back and removes the leftovers;
-* a training run holds :data:`LOCK_NAME` (pid + host) in its output directory and writes
-  :data:`COMPLETE_NAME` last.
+* a training run holds :data:`LOCK_NAME` (an OS lock, with pid + host: :mod:`compose.runlock`)
+  in its output directory and writes :data:`COMPLETE_NAME` last.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import json
 import os
 import shutil
-import socket
 import stat
 import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .runlock import LOCK_NAME, LockError, _now, output_lock
 
 __all__ = [
     "MARKER",
@@ -53,8 +53,6 @@ __all__ = [
 
 MARKER = ".compose-files.json"
 """Written last into every directory compose writes whole: the names of the files it wrote."""
-LOCK_NAME = ".compose.lock"
-"""Held in a run's output directory while ``fit`` runs: ``{"pid", "host", "started"}``."""
 COMPLETE_NAME = "complete.json"
 """Written last into a run's output directory, once the final model and results are on disk."""
 RUN_MARKER = ".compose-run.json"
@@ -66,10 +64,6 @@ class OutputError(FileExistsError, ValueError):
 
     A ``FileExistsError`` and a ``ValueError``, so either ``except`` catches it.
     """
-
-
-class LockError(RuntimeError):
-    """Another live run holds the output directory."""
 
 
 # ---------------------------------------------------------------------------- JSON
@@ -277,57 +271,6 @@ def _foreign_names(path: Path) -> set[str]:
     return set(_foreign(path)) if path.is_dir() else set()
 
 
-# ---------------------------------------------------------------------------- run locks
-def _read_lock(lock: Path) -> dict[str, Any]:
-    try:
-        return json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-@contextlib.contextmanager
-def output_lock(directory: str | os.PathLike) -> Iterator[Path]:
-    """Hold ``directory/.compose.lock`` (pid + host) for the duration of a run.
-
-    A lock held by a live process is a :class:`LockError`; a lock left by a dead process on
-    this host is taken over with a warning. A lock from another host is an error naming it
-    (compose cannot see whether that process lives).
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    lock = directory / LOCK_NAME
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            held = _read_lock(lock)
-            pid, host = held.get("pid"), held.get("host")
-            if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
-                warnings.warn(
-                    f"compose: taking over the stale lock {lock} of process {pid}, which is gone", stacklevel=3
-                )
-                lock.unlink(missing_ok=True)
-                continue
-            who = f"process {pid} on {host}" if pid else "another process"
-            raise LockError(
-                f"{directory} is in use by {who} (since {held.get('started', '?')}): two runs must not share an "
-                f"output directory. Wait for it, use another output_dir, or delete {lock} if that run is gone"
-            ) from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
-    try:
-        yield lock
-    finally:
-        if _read_lock(lock).get("pid") == me["pid"]:
-            lock.unlink(missing_ok=True)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 # ---------------------------------------------------------------------------- run directories
 # What a training run writes at the top of its output directory (besides hidden markers).
 _RUN_FILES = {"checkpoints", "final", "metrics.jsonl", COMPLETE_NAME, "loss.png", "perplexity.png", "forgetting.png"}
@@ -398,26 +341,25 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def check_safetensors(path: str | os.PathLike) -> None:
     """Raise naming ``path`` if it is not a whole safetensors file (cut short, damaged header).
 
-    Reads only the header: its length, its JSON, and that every tensor's bytes lie inside the file.
+    ``safetensors.safe_open`` reads only the header: its length, its JSON, and that the tensors'
+    bytes cover the file exactly.
     """
-    import struct
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is cut short ({size} bytes): the file is incomplete; save the model again")
-        (n,) = struct.unpack("<Q", head)
-        if 8 + n > size:
-            raise ValueError(f"{path} is cut short (header of {n} bytes, file of {size}): the file is incomplete")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError):
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as e:
+        if not any(cut in str(e).lower().replace(" ", "") for cut in _CUT_SHORT):
             raise ValueError(f"{path} has a damaged header: not a safetensors file, or corrupted") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    if ends and 8 + n + max(ends) > size:
+        size = path.stat().st_size
         raise ValueError(
-            f"{path} is cut short: its tensors need {8 + n + max(ends)} bytes, the file has {size}; "
-            "the file is incomplete (an interrupted copy or a full disk)"
-        )
+            f"{path} is cut short ({size} bytes): the file is incomplete (an interrupted copy or a full disk); "
+            "save the model again"
+        ) from None
+
+
+# safetensors' errors for a file shorter than its header says (too short for a header, a header
+# longer than the file, tensors beyond its end), as older ("HeaderTooSmall") and newer releases word them
+_CUT_SHORT = ("headertoosmall", "invalidheaderlength", "incompletemetadata", "metadataincompletebuffer")

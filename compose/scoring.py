@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .arch import max_positions
+from .data.padding import pad_batch
 from .longdoc import encode_bounded
 
 __all__ = [
@@ -167,12 +168,7 @@ def _score_windows(model, windows: list[tuple[int, list[int], list[int]]], batch
         length = len(windows[order[i]][1])
         rows = order[i : i + _budget_rows(length, vocab, batch_size)]
         i += len(rows)
-        ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for r, w in enumerate(rows):
-            inp = windows[w][1]
-            ids[r, : len(inp)] = torch.tensor(inp)
-            mask[r, : len(inp)] = 1
+        ids, mask = pad_batch([windows[w][1] for w in rows], pad)  # the first row is the longest: ``length``
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         for r, w in enumerate(rows):
             doc, inp, tgt = windows[w]

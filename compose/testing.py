@@ -12,6 +12,8 @@ on these models is not an accident of zero biases or unit norms.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -24,6 +26,7 @@ from transformers import (
     MistralConfig,
     MixtralConfig,
     Phi3Config,
+    PretrainedConfig,
     PreTrainedModel,
     Qwen2Config,
     Qwen3Config,
@@ -62,6 +65,17 @@ def tiny_config(
     ``ffn``: MLP width as a multiple of ``hidden``. ``bias``: switch biases on where the
     family makes them optional (Llama, Qwen3), so invariants are tested with biases.
     """
+    sizes = dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, vocab=vocab, positions=positions)
+    families = _family_configs(**sizes, ffn=ffn, bias=bias)
+    if family not in families:
+        raise ValueError(f"no tiny config for family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+    return _without_dropout(families[family](), tie)
+
+
+def _family_configs(
+    *, hidden: int, layers: int, heads: int, kv_heads: int, vocab: int, positions: int, ffn: int, bias: bool
+) -> dict[str, Callable[[], PretrainedConfig]]:
+    """A maker of each family's small config, by ``model_type``."""
     common = dict(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -106,9 +120,7 @@ def tiny_config(
         ),
         "gpt_neox": lambda: GPTNeoXConfig(**common, use_parallel_residual=True),
     }
-    if family not in families:
-        raise ValueError(f"no tiny config for family {family!r}; known: {', '.join(TINY_FAMILIES)}")
-    return _without_dropout(families[family](), tie)
+    return families
 
 
 def _without_dropout(cfg, tie: bool | None):

@@ -837,18 +837,22 @@ def test_fit_into_a_foreign_directory(anchor, user_dir):
     assert _snapshot(user_dir)["thesis.tex"] == before["thesis.tex"] and (user_dir / "final" / "compose.json").is_file()
 
 
+_HOLD_LOCK = "import sys, time\nfrom compose.io import output_lock\nwith output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)\n"
+
+
 def test_second_live_run_is_refused(anchor, tmp_path):
+    """A live run's lock refuses a second run; once that run is killed (the OS frees its lock) its file is taken over."""
     out = tmp_path / "run"
-    out.mkdir()
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
     try:
-        (out / LOCK_NAME).write_text(f'{{"pid": {other.pid}, "host": "{socket.gethostname()}", "started": "now"}}')
-        with pytest.raises(LockError, match=rf"in use by process {other.pid}"):
+        assert other.stdout.readline().strip() == "held"
+        with pytest.raises(LockError, match=rf"in use by process {other.pid} on {socket.gethostname()}"):
             Composer(anchor, strategy="block_expand", num_blocks=1).fit(_ids(), **FIT, output_dir=str(out))
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
     finally:
         other.kill()
         other.wait()
+        other.stdout.close()
     with pytest.warns(UserWarning, match=rf"stale lock .* process {other.pid}"):
         Composer(anchor, strategy="block_expand", num_blocks=1).fit(_ids(), **FIT, output_dir=str(out))
     assert (out / COMPLETE_NAME).is_file() and not (out / LOCK_NAME).exists()

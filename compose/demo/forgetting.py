@@ -111,11 +111,46 @@ def split_code(docs: list[str], eval_chars: int, pretrain_chars: int) -> tuple[l
 # ============================================================================ 1. forgetting
 def run_forgetting(cfg: ForgettingConfig, out: Path) -> dict[str, Any]:
     """Pretrain on English (+ a little code), adapt to code with each strategy, measure both perplexities."""
-    from .. import Composer
-    from ..tasks.corpora import ByteCodec, code_corpus, english_corpus, split_docs
+    from ..tasks.corpora import ByteCodec
 
     t0 = time.perf_counter()
     codec = ByteCodec()
+    general_train, code_pretrain, code_train, sets = _corpora(cfg, codec, t0)
+    anchor, before = _pretrain(cfg, codec, general_train + code_pretrain, sets)
+    rows = [_before_row(before)]
+    search: list[dict[str, Any]] = []
+    for setting, docs in _settings(cfg, general_train, code_train):
+        records = codec.records(docs)
+        full_gain = None
+        for strategy, label, options, lr_key in _runs(cfg):
+            best = _best_lr(cfg, anchor, records, sets, before, (setting, strategy, label, options, lr_key), search)
+            if strategy == "full":
+                full_gain = best["domain_gain"]
+            best["gain_vs_full_%"] = 100 * best["domain_gain"] / full_gain if full_gain else float("nan")
+            rows.append(best)
+            _log(
+                f"[forgetting] {setting} / {label} (lr {best['lr']}): English {best['general_change_%']:+.2f}%, "
+                f"code ppl {best['domain_ppl']:.3f} ({best['gain_vs_full_%']:.0f}% of full's gain) "
+                f"in {best['seconds']:.0f}s"
+            )
+    result = {
+        "config": asdict(cfg),
+        "rows": rows,
+        "notes": "domain_gain = log(ppl_before / ppl_after) on held-out Python code (nats per byte); "
+        "general_change_% = relative change of held-out English perplexity; gain_vs_full_% compares with "
+        "full fine-tuning in the same data setting.",
+        "seconds": time.perf_counter() - t0,
+    }
+    if search:
+        result["lr_search"] = search
+    _plot_forgetting(rows, out / "forgetting.png")
+    return result
+
+
+def _corpora(cfg: ForgettingConfig, codec, t0: float) -> tuple[list[str], list[str], list[str], dict[str, Any]]:
+    """English and Python documents: ``(general_train, code_pretrain, code_train, held-out sets)``."""
+    from ..tasks.corpora import code_corpus, english_corpus, split_docs
+
     general_train, general_eval = split_docs(english_corpus(cfg.general_chars), max_eval_chars=cfg.eval_chars)
     share = cfg.pretrain_code_share
     want = round(share / (1 - share) * _chars(general_train)) if share > 0 else 0
@@ -126,26 +161,35 @@ def run_forgetting(cfg: ForgettingConfig, out: Path) -> dict[str, Any]:
         f"Python: {_chars(code_pretrain):,} pretraining / {_chars(code_train):,} adaptation / "
         f"{_chars(code_eval):,} held-out ({time.perf_counter() - t0:.0f}s)"
     )
+    return general_train, code_pretrain, code_train, sets
 
-    def evaluate(c) -> dict[str, float]:
-        return {name: c.evaluate(data, seq_len=cfg.seq_len, batch_size=32)["perplexity"] for name, data in sets.items()}
+
+def _perplexities(c, sets: dict[str, Any], cfg: ForgettingConfig) -> dict[str, float]:
+    return {name: c.evaluate(data, seq_len=cfg.seq_len, batch_size=32)["perplexity"] for name, data in sets.items()}
+
+
+def _pretrain(cfg: ForgettingConfig, codec, docs: list[str], sets: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+    """The base model, trained from scratch on ``docs`` and frozen, and its held-out perplexities."""
+    from .. import Composer
 
     base = _scratch_model("llama", codec.vocab_size, cfg.hidden, cfg.layers, cfg.heads, cfg.seq_len, cfg.seed)
     pre = Composer(base, strategy="full", copy_model=False)
     t = time.perf_counter()
     pre.fit(
-        codec.records(general_train + code_pretrain),
-        **_fit_options(cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size, cfg.seq_len, cfg.seed),
+        codec.records(docs), **_fit_options(cfg.pretrain_steps, cfg.pretrain_lr, cfg.batch_size, cfg.seq_len, cfg.seed)
     )
     anchor = pre.model
     anchor.requires_grad_(False)
-    before = evaluate(pre)
+    before = _perplexities(pre, sets, cfg)
     _log(
-        f"[forgetting] pretrained {cfg.layers}x{cfg.hidden} on English + {100 * share:.0f}% code in "
+        f"[forgetting] pretrained {cfg.layers}x{cfg.hidden} on English + {100 * cfg.pretrain_code_share:.0f}% code in "
         f"{time.perf_counter() - t:.0f}s: English ppl {before['general']:.3f}, code ppl {before['domain']:.3f}"
     )
+    return anchor, before
 
-    # (strategy, row label, strategy options, key of cfg.lrs)
+
+def _runs(cfg: ForgettingConfig) -> list[tuple[str, str, dict[str, Any], str]]:
+    """The adaptations compared: ``(strategy, row label, strategy options, key of cfg.lrs)``."""
     runs: list[tuple[str, str, dict[str, Any], str]] = [("full", "full", {}, "full")]
     if "lora" in _strategies():
         runs.append(("lora", f"lora (r={cfg.lora_r})", {"r": cfg.lora_r, "alpha": 2.0 * cfg.lora_r}, "lora"))
@@ -168,80 +212,71 @@ def run_forgetting(cfg: ForgettingConfig, out: Path) -> dict[str, Any]:
                 "block_expand_lora" if "block_expand_lora" in cfg.lrs else "block_expand",
             )
         )
+    return runs
+
+
+def _settings(cfg: ForgettingConfig, general_train: list[str], code_train: list[str]) -> list[tuple[str, list[str]]]:
+    """The adaptation data: code only, and (``cfg.replay``) code with English replayed."""
     settings = [("code only", code_train)]
     if cfg.replay > 0:
         replayed = _take(general_train, round(cfg.replay / (1 - cfg.replay) * _chars(code_train)))
         settings.append((f"code + {100 * cfg.replay:.0f}% English replay", code_train + replayed))
+    return settings
 
-    rows = [
-        {
-            "data": "-",
-            "method": "pretrained (before)",
-            "lr": "-",
-            "trainable": 0,
-            "general_ppl": before["general"],
-            "domain_ppl": before["domain"],
-            "general_change_%": 0.0,
-            "domain_gain": 0.0,
-            "gain_vs_full_%": 0.0,
-            "seconds": 0.0,
-        }
-    ]
-    search: list[dict[str, Any]] = []
-    for setting, docs in settings:
-        records = codec.records(docs)
-        full_gain = None
-        for strategy, label, options, lr_key in runs:
-            grid = cfg.lrs[lr_key]
-            grid = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
-            best = None
-            for lr in grid:
-                t = time.perf_counter()
-                c = Composer(anchor, strategy=strategy, **options)
-                n = _n_trainable(c)
-                c.fit(records, **_fit_options(cfg.adapt_steps, lr, cfg.batch_size, cfg.seq_len, cfg.seed + 1))
-                after = evaluate(c)
-                del c
-                gain = math.log(before["domain"]) - math.log(after["domain"])
-                row = {
-                    "data": setting,
-                    "method": label,
-                    "lr": f"{lr:g}",
-                    "trainable": n,
-                    "general_ppl": after["general"],
-                    "domain_ppl": after["domain"],
-                    "general_change_%": 100 * (after["general"] / before["general"] - 1),
-                    "domain_gain": gain,
-                    "seconds": time.perf_counter() - t,
-                }
-                if len(grid) > 1:
-                    search.append(row)
-                    _log(
-                        f"[forgetting]   {setting} / {label} lr {lr:g}: code gain {gain:.4f} (English {row['general_change_%']:+.2f}%)"
-                    )
-                if best is None or gain > best["domain_gain"]:
-                    best = row
-            if strategy == "full":
-                full_gain = best["domain_gain"]
-            best["gain_vs_full_%"] = 100 * best["domain_gain"] / full_gain if full_gain else float("nan")
-            rows.append(best)
-            _log(
-                f"[forgetting] {setting} / {label} (lr {best['lr']}): English {best['general_change_%']:+.2f}%, "
-                f"code ppl {best['domain_ppl']:.3f} ({best['gain_vs_full_%']:.0f}% of full's gain) "
-                f"in {best['seconds']:.0f}s"
-            )
-    result = {
-        "config": asdict(cfg),
-        "rows": rows,
-        "notes": "domain_gain = log(ppl_before / ppl_after) on held-out Python code (nats per byte); "
-        "general_change_% = relative change of held-out English perplexity; gain_vs_full_% compares with "
-        "full fine-tuning in the same data setting.",
-        "seconds": time.perf_counter() - t0,
+
+def _before_row(before: dict[str, float]) -> dict[str, Any]:
+    return {
+        "data": "-",
+        "method": "pretrained (before)",
+        "lr": "-",
+        "trainable": 0,
+        "general_ppl": before["general"],
+        "domain_ppl": before["domain"],
+        "general_change_%": 0.0,
+        "domain_gain": 0.0,
+        "gain_vs_full_%": 0.0,
+        "seconds": 0.0,
     }
-    if search:
-        result["lr_search"] = search
-    _plot_forgetting(rows, out / "forgetting.png")
-    return result
+
+
+def _best_lr(cfg, anchor, records, sets, before, run: tuple, search: list[dict[str, Any]]) -> dict[str, Any]:
+    """Adapt ``anchor`` with each learning rate of the run's grid; the row with the largest code gain.
+
+    With a grid of several rates every row is also appended to ``search``.
+    """
+    from .. import Composer
+
+    setting, strategy, label, options, lr_key = run
+    grid = cfg.lrs[lr_key]
+    grid = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
+    best = None
+    for lr in grid:
+        t = time.perf_counter()
+        c = Composer(anchor, strategy=strategy, **options)
+        n = _n_trainable(c)
+        c.fit(records, **_fit_options(cfg.adapt_steps, lr, cfg.batch_size, cfg.seq_len, cfg.seed + 1))
+        after = _perplexities(c, sets, cfg)
+        del c
+        gain = math.log(before["domain"]) - math.log(after["domain"])
+        row = {
+            "data": setting,
+            "method": label,
+            "lr": f"{lr:g}",
+            "trainable": n,
+            "general_ppl": after["general"],
+            "domain_ppl": after["domain"],
+            "general_change_%": 100 * (after["general"] / before["general"] - 1),
+            "domain_gain": gain,
+            "seconds": time.perf_counter() - t,
+        }
+        if len(grid) > 1:
+            search.append(row)
+            _log(
+                f"[forgetting]   {setting} / {label} lr {lr:g}: code gain {gain:.4f} (English {row['general_change_%']:+.2f}%)"
+            )
+        if best is None or gain > best["domain_gain"]:
+            best = row
+    return best
 
 
 def _strategies() -> set[str]:
