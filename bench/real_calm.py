@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from compose.demo.real_calm import RealCalmConfig, run_real_calm
+from compose.demo.real_calm import RealCalmConfig, report, run_real_calm
 
 
 def main() -> None:
@@ -21,7 +21,11 @@ def main() -> None:
     p.add_argument("--root", default=None, help="where models and corpora are cached (default ~/.cache/compose/real)")
     for name in ("steps", "stage1_steps", "test_pairs", "seed", "threads", "every"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    p.add_argument("--report", action="store_true", help="print the finished run's table and redraw its plot")
     args = p.parse_args()
+    if args.report:
+        report(args.out)
+        return
     cfg = RealCalmConfig()
     for name in ("steps", "stage1_steps", "test_pairs", "seed", "threads", "every"):
         if getattr(args, name) is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from compose.demo.real_code_calm import RealCodeCalmConfig, run_real_code_calm
+from compose.demo.real_code_calm import RealCodeCalmConfig, report, run_real_code_calm
 
 _INTS = ("steps", "problems", "seed", "threads", "every", "max_new_tokens", "train_chars", "eval_chars")
 
@@ -23,7 +23,11 @@ def main() -> None:
     p.add_argument("--root", default=None, help="where models and corpora are cached (default ~/.cache/compose/real)")
     for name in _INTS:
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    p.add_argument("--report", action="store_true", help="print the finished run's table and redraw its plot")
     args = p.parse_args()
+    if args.report:
+        report(args.out)
+        return
     cfg = replace(RealCodeCalmConfig(), **{n: getattr(args, n) for n in _INTS if getattr(args, n) is not None})
     run_real_code_calm(cfg, args.out, root=args.root)
 

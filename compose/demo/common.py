@@ -67,3 +67,24 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def plot_bars(rows: list[dict[str, Any]], metrics: list[str], title: str, path) -> Any:
+    """One panel per metric, one bar per row (``row["model"]``), the value written on each bar."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4))
+    for ax, metric in zip(axes if len(metrics) > 1 else [axes], metrics):
+        names = [r["model"] for r in rows]
+        values = [r[metric] for r in rows]
+        bars = ax.bar(range(len(rows)), values, color=[f"C{i}" for i in range(len(rows))])
+        ax.bar_label(bars, fmt="%.4g", fontsize=7)
+        ax.set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(metric, fontsize=9)
+        low, high = min(values), max(values)
+        if metric.endswith("bpb") and high > 0:  # bits per byte differ in the 2nd decimal: zoom in
+            ax.set_ylim(low - 0.15 * (high - low + 0.01), high + 0.15 * (high - low + 0.01))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import _log, _markdown, _n_trainable
+from .common import _log, _markdown, _n_trainable, plot_bars
 from .real import RealLlamaProConfig, corpora, fit_resumable, frozen_unchanged, lora_rank_for, prepare
 
 
@@ -120,5 +120,18 @@ def run_real_code_calm(cfg: RealCodeCalmConfig, out: str | Path, root=None) -> d
     rows.append(_score("m_B+LoRA", lora, data, cfg, out, _n_trainable(lora)))
     result = {"config": asdict(cfg), "rows": rows, "lora_rank": rank, "frozen_models_unchanged": unchanged}
     (out / "real_code_calm.json").write_text(json.dumps(result, indent=1))
-    _log(_markdown(rows, digits=4))
+    return report(out)
+
+
+def report(out: str | Path) -> dict[str, Any]:
+    """The finished run's table (printed) and plot (``real_code_calm.png`` beside ``real_code_calm.json``), from its JSON."""
+    out = Path(out)
+    result = json.loads((out / "real_code_calm.json").read_text())
+    plot_bars(
+        result["rows"],
+        ["code bpb", "English bpb", "pass@1"],
+        "SmolLM2-135M reading Qwen2.5-Coder-0.5B (held-out code)",
+        out / "real_code_calm.png",
+    )
+    _log(_markdown(result["rows"], digits=4))
     return result
