@@ -45,14 +45,11 @@ def _trackers(config: TrainConfig) -> list[str] | None:
 def _make_accelerator(config: TrainConfig, output_dir: Path | None):
     """An ``Accelerator`` for this run; a previous run's different ``mixed_precision`` is reset first."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     precision = _resolve_mixed_precision(config.mixed_precision)
-    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    previous = _held_precision()
     if previous is not None and previous != precision:
-        # accelerate keeps one process-wide state and refuses a second precision; the process
-        # group (PartialState) is kept, only the precision settings are dropped.
-        AcceleratorState._reset_state(reset_partial_state=False)
+        _drop_precision()
     accelerator = Accelerator(
         # Without this, processes started by torchrun / `accelerate launch --multi_gpu` on a
         # machine with no GPU would each train alone instead of joining a gloo group.
@@ -64,6 +61,30 @@ def _make_accelerator(config: TrainConfig, output_dir: Path | None):
     _fsdp_on_cpu(accelerator)
     _deepspeed_on_cpu(accelerator)
     return accelerator
+
+
+def _held_precision() -> str | None:
+    """The precision accelerate's process-wide state holds from an earlier run (``None``: no run yet).
+    Under DeepSpeed it holds ``no`` and leaves the precision to the engine's config."""
+    from accelerate.state import AcceleratorState, is_initialized
+    from accelerate.utils import DistributedType
+
+    if not is_initialized():
+        return None
+    state = AcceleratorState()
+    return "no" if state.distributed_type == DistributedType.DEEPSPEED else state.mixed_precision
+
+
+def _drop_precision() -> None:
+    """Drop accelerate's precision settings; the process group (``PartialState``) is kept.
+
+    accelerate keeps one state per process and refuses an ``Accelerator`` with another
+    ``mixed_precision``, and has no public way to drop that state (checked up to accelerate 1.16):
+    this is its own reset, the one its tests use, and the only private accelerate name compose calls.
+    """
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _fsdp_on_cpu(accelerator) -> None:
@@ -113,6 +134,8 @@ def _deepspeed_on_cpu(accelerator) -> None:
         ds_comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     plugin = DeepSpeedPlugin()
     plugin.set_mixed_precision(accelerator.state.mixed_precision)
+    # accelerate's public select_deepspeed_plugin() re-reads the process state, which still says MULTI_CPU
+    # (checked with accelerate 1.16), so the plugin is selected the way accelerate selects it itself
     plugin.select(_from_accelerator_state=True)
     accelerator.state.distributed_type = DistributedType.DEEPSPEED
     accelerator.state.deepspeed_plugins = plugin

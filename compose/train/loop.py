@@ -126,7 +126,8 @@ def _setup(model, train_data, eval_data, config: TrainConfig, tokenizer, desc: s
         autocast = lambda: torch.autocast(accelerator.device.type, dtype=low)  # noqa: E731
     return _Run(
         config, unwrapped, accelerator, wrapped, optimizer, scheduler, batches, eval_blocks, loss_fn, autocast,
-        output_dir, sharded, desc, zero, trackers=_trackers(config), skeleton=skeleton, upcast=upcast,
+        output_dir, sharded, desc, zero, trainable_groups=[g["params"] for g in groups],
+        trackers=_trackers(config), skeleton=skeleton, upcast=upcast,
     )  # fmt: skip
 
 

@@ -34,6 +34,9 @@ class _Run:
     desc: str = "fit"
     zero: int = 0
     """DeepSpeed ZeRO stage (0: not under DeepSpeed)."""
+    trainable_groups: list[list[nn.Parameter]] = field(default_factory=list)
+    """The trainable parameters of each optimizer group, as handed to the optimizer (ZeRO flattens each
+    group into buffers of its own; compose's checkpoints name the parameters)."""
     step: int = 0
     skipped: int = 0
     tokens_seen: int = 0
