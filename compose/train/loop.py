@@ -95,6 +95,7 @@ def _setup(model, train_data, eval_data, config: TrainConfig, tokenizer, desc: s
     groups = _param_groups(model, config.weight_decay)
     if zero:  # ZeRO flattens each group into one buffer: an empty group has none
         groups = [g for g in groups if g["params"]]
+    trainable_groups = [list(g["params"]) for g in groups]  # the optimizer and ZeRO rewrite the groups
     fused = accelerator.device.type == "cuda" and all(p.dtype == torch.float32 for g in groups for p in g["params"])
     optimizer = torch.optim.AdamW(
         groups, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps, fused=fused or None
@@ -126,7 +127,7 @@ def _setup(model, train_data, eval_data, config: TrainConfig, tokenizer, desc: s
         autocast = lambda: torch.autocast(accelerator.device.type, dtype=low)  # noqa: E731
     return _Run(
         config, unwrapped, accelerator, wrapped, optimizer, scheduler, batches, eval_blocks, loss_fn, autocast,
-        output_dir, sharded, desc, zero, trainable_groups=[g["params"] for g in groups],
+        output_dir, sharded, desc, zero, trainable_groups=trainable_groups,
         trackers=_trackers(config), skeleton=skeleton, upcast=upcast,
     )  # fmt: skip
 
