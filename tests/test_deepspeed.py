@@ -142,7 +142,7 @@ def fake_accelerator(ds_config: dict, world: int = 2):
 
 
 def test_deepspeed_config_is_filled_from_fit_options(monkeypatch):
-    from compose.train import _deepspeed_config
+    from compose.train.distributed import _deepspeed_config
 
     monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
     ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 3}}
@@ -153,7 +153,7 @@ def test_deepspeed_config_is_filled_from_fit_options(monkeypatch):
 
 
 def test_deepspeed_config_file_disagreeing_with_fit_is_an_error(monkeypatch):
-    from compose.train import _deepspeed_config
+    from compose.train.distributed import _deepspeed_config
 
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "ds.json")
     ds = {"train_micro_batch_size_per_gpu": 16, "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
@@ -169,7 +169,7 @@ def test_deepspeed_config_file_disagreeing_with_fit_is_an_error(monkeypatch):
 def test_deepspeed_launch_without_deepspeed_names_the_extra(monkeypatch):
     from accelerate.utils import DistributedType
 
-    from compose.train import _deepspeed_on_cpu
+    from compose.train.distributed import _deepspeed_on_cpu
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError

@@ -31,14 +31,14 @@ torch.set_num_threads(1)
 def install_kill_point(point: str) -> None:
     """SIGKILL this process at a named point of checkpoint or final-model writing."""
     import compose.composer
-    import compose.train
+    import compose.train.checkpoint
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
 
     real_replace, real_train_json, real_composer_json = (
         os.replace,
-        compose.train.write_json,
+        compose.train.checkpoint.write_json,
         compose.composer.write_json,
     )
 
@@ -59,7 +59,7 @@ def install_kill_point(point: str) -> None:
         if point == "final-rename" and Path(dst).name.startswith(".final.old"):
             die()  # the old final moved aside, the new one not yet in place
 
-    compose.train.write_json, compose.composer.write_json, os.replace = train_json, composer_json, replace
+    compose.train.checkpoint.write_json, compose.composer.write_json, os.replace = train_json, composer_json, replace
 
 
 if os.environ.get("COMPOSE_TEST_KILL"):

@@ -1,0 +1,174 @@
+"""The options of a training run (:class:`TrainConfig`), what it returns (:class:`TrainResult`),
+and its learning-rate schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+
+@dataclass
+class TrainConfig:
+    """Options of :meth:`Composer.fit`. Every field is a keyword of ``fit``."""
+
+    max_steps: int = 1000
+    """Optimizer steps to run (each = ``batch_size * gradient_accumulation_steps * processes`` sequences)."""
+    learning_rate: float = 2e-4
+    """Peak learning rate (LLaMA Pro: 2e-4)."""
+    batch_size: int = 8
+    """Sequences per micro-batch per process."""
+    seq_len: int = 2048
+    """Tokens per sequence; packed documents are cut to this length."""
+    output_dir: str | None = None
+    """Where checkpoints, metrics and the final model go; ``None`` keeps nothing on disk."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches summed into one optimizer step."""
+    warmup_ratio: float = 0.06
+    """Fraction of ``max_steps`` spent warming the learning rate up linearly (LLaMA Pro: 6%)."""
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    min_lr_ratio: float = 0.0
+    """Floor of the decay, as a fraction of the peak."""
+    weight_decay: float = 0.1
+    """Decoupled (AdamW) weight decay, applied to matrices only."""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this (``None``/0: no clipping)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """``auto``: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (non-reentrant, so frozen inputs work)."""
+    chunked_loss: bool = True
+    """Compute the LM-head loss in chunks, never holding the full tokens x vocab logits (plain models of
+    the supported families; others use the model's own loss)."""
+    loss_chunk_tokens: int = 4096
+    """Tokens per chunk of the chunked loss."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only at the end, when eval data is given)."""
+    eval_batches: int | None = None
+    """Cap on eval micro-batches per evaluation (``None``: all)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0: only the final step). Needs ``output_dir``."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    resume: bool | str = False
+    """``True``: continue from the latest checkpoint in ``output_dir`` (fresh start if none); or a checkpoint path."""
+    overwrite_output_dir: bool = False
+    """Allow a fresh run into an ``output_dir`` that already holds checkpoints (they are deleted)."""
+    save_final: bool = True
+    """Write the trained model with ``Composer.save`` to ``output_dir/final``."""
+    seed: int = 0
+    """Seeds data order and initialisation-time randomness."""
+    log_every: int = 10
+    """Log loss / learning rate / throughput every N steps."""
+    report_to: str | list[str] | None = "auto"
+    """accelerate trackers (``tensorboard``, ``wandb``, ``mlflow`` ...): a name, a list, ``auto`` (tensorboard when
+    installed and ``output_dir`` is set) or ``None``; they log what ``metrics.jsonl`` holds (see compose.trackers)."""
+    packing: bool = True
+    """Join documents with EOS and cut into ``seq_len`` blocks (else pad each record)."""
+    mask_prompt: bool = True
+    """For ``prompt``/``completion`` records, train only on the completion; for ``messages``, only on the
+    assistant's turns (``False``: on every token)."""
+    text_field: str = "text"
+    """Record field holding the text."""
+    progress: bool = True
+    """Show a tqdm progress bar (main process only)."""
+    streaming: bool = False
+    """Tokenize and pack the training data on the fly from an ``IterableDataset`` (each process reads its own
+    shard, the position is checkpointed); for corpora too big to prepare on disk first."""
+    num_proc: int | None = None
+    """Worker processes for tokenizing and packing (``datasets.map(num_proc=...)``); ``None``: this process."""
+    data_cache_dir: str | None = None
+    """Where ``datasets`` keeps the Arrow files and the cached tokenized/packed data (default: its own cache)."""
+    packing_attention: Literal["block", "document"] = "block"
+    """``block``: causal over the whole packed block, so a token also sees the earlier documents of its block;
+    ``document``: a token attends only to its own document, on every attention implementation (positions
+    restart at each document; with SDPA on CPU 1.05-1.4x the step time of ``block``, docs/performance.md)."""
+    reset_position_ids: bool = False
+    """Older name of ``packing_attention="document"`` (``True`` turns it on)."""
+    chat_template: str | None = None
+    """For ``messages`` records: a built-in template name (chatml, tulu, tiny), one of the tokenizer's named
+    templates, a ``.jinja`` file or the Jinja text; default: the tokenizer's own chat template."""
+    on_nonfinite: Literal["error", "skip"] = "error"
+    """A NaN/inf loss or gradient: ``error`` stops with an error naming the step; ``skip`` drops that step's
+    update and counts it (``skipped_steps`` in the metrics)."""
+    callbacks: list[Any] = field(default_factory=list, repr=False)
+    """Callables ``cb(step, metrics)`` run after every optimizer step on every process."""
+
+    def __post_init__(self) -> None:
+        # types and ranges: the one validation layer (compose.validation.TRAIN_RULES)
+        from ..validation import validate_train_options
+
+        checked = validate_train_options({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        for name, value in checked.items():
+            setattr(self, name, value)
+        if self.resume and self.output_dir is None and not isinstance(self.resume, str):
+            raise ValueError("resume=True needs output_dir (where the checkpoints are)")
+        if self.save_every and self.output_dir is None:
+            raise ValueError(
+                f"save_every={self.save_every} writes checkpoints into output_dir, which is not set: pass "
+                "output_dir=... or leave save_every at 0 (nothing is written without output_dir)"
+            )
+        self.adam_betas = tuple(self.adam_betas)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(
+                f"unknown training option(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(sorted(names))}"
+            )
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "callbacks"}
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    model: nn.Module
+    """The trained model, unwrapped from accelerate (on the main process it holds the full weights)."""
+    history: list[dict[str, float]]
+    """Logged metrics, one dict per logged step."""
+    step: int = 0
+    """Optimizer steps done (``max_steps`` unless stopped)."""
+    skipped_steps: int = 0
+    """Steps whose update was dropped by ``on_nonfinite='skip'``."""
+    resumed_from: str | None = None
+    """The checkpoint this run continued from."""
+
+
+_SCHEDULER_NAMES = {"cosine": "cosine_with_min_lr", "linear": "warmup_stable_decay", "constant": "constant_with_warmup"}
+
+
+def make_scheduler(optimizer, config: TrainConfig):
+    """``transformers.get_scheduler`` for ``config``: warmup, then cosine/linear decay to ``min_lr_ratio``."""
+    from transformers import get_scheduler
+
+    warmup = int(config.warmup_ratio * config.max_steps)
+    kwargs: dict[str, Any] = {}
+    if config.lr_scheduler == "cosine":
+        kwargs = {"min_lr_rate": config.min_lr_ratio}
+    elif config.lr_scheduler == "linear" and config.min_lr_ratio > 0:
+        # warmup_stable_decay: its warmup starts from the floor rather than from 0
+        decay = max(1, config.max_steps - warmup)
+        kwargs = {"num_decay_steps": decay, "min_lr_ratio": config.min_lr_ratio, "decay_type": "linear"}
+    name = _SCHEDULER_NAMES[config.lr_scheduler]
+    if config.lr_scheduler == "linear" and config.min_lr_ratio == 0:
+        name = "linear"
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=config.max_steps,
+        scheduler_specific_kwargs=kwargs,
+    )
