@@ -243,7 +243,7 @@ def test_real_gemma3_block_expand_and_cross_tokenizer_calm(tmp_path):
 def test_demo_real_runs_the_quick_experiment_and_explains_a_failed_fetch(tmp_path, monkeypatch, capsys):
     import compose.demo.real as real_demo
     import compose.demo.real_calm as calm_demo
-    from compose.demo.__main__ import main
+    from compose.demo.cli import main
 
     seen = {}
 

