@@ -201,7 +201,7 @@ def fit_resumable(c, data, cfg, *, steps: int, lr: float, out: Path, save_final:
 
 def frozen_unchanged(calm_model, *sources) -> bool:
     """Whether CALM's anchor and augmenting models are bit-identical to freshly loaded ``sources``
-    (anchor first) after training: only the composition layers may have moved."""
+    (anchor first): only the composition layers may have moved."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -211,6 +211,26 @@ def frozen_unchanged(calm_model, *sources) -> bool:
         if mine.keys() != fresh.keys() or not all(torch.equal(mine[k], fresh[k]) for k in fresh):
             return False
     return True
+
+
+FROZEN_CHECK = "frozen_unchanged.json"
+
+
+def record_frozen_check(directory: Path, calm_model, *sources) -> bool:
+    """Check :func:`frozen_unchanged` right after CALM's training and record it in ``directory``."""
+    unchanged = frozen_unchanged(calm_model, *sources)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / FROZEN_CHECK).write_text(json.dumps(unchanged))
+    return unchanged
+
+
+def recorded_frozen_check(directory: Path, previous: Path) -> bool | None:
+    """The check recorded after training (or in the run's earlier table); None if none was recorded."""
+    if (directory / FROZEN_CHECK).is_file():
+        return json.loads((directory / FROZEN_CHECK).read_text())
+    if previous.is_file():
+        return json.loads(previous.read_text()).get("frozen_models_unchanged")
+    return None
 
 
 def prepare(cfg, root=None) -> Path:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import _log, _markdown, _n_trainable, plot_bars
-from .real import fit_resumable, frozen_unchanged, lora_rank_for, prepare
+from .real import fit_resumable, lora_rank_for, prepare, record_frozen_check, recorded_frozen_check
 
 HELD_OUT_BOOKS = ("Ruth", "Jonah", "Phil")
 """Whole books kept out of every training set (narrative, prophecy, a letter)."""
@@ -93,6 +93,7 @@ def _splits(cfg: RealCalmConfig, root=None) -> dict[str, Any]:
         "shots": shots,
         "test": rng.sample(test, min(cfg.test_pairs, len(test))),
         "english_test": [" ".join([en for b, _, en in test if b == book][:30]) for book in HELD_OUT_BOOKS],
+        "chichewa_test": [" ".join([ny for b, ny, _ in test if b == book][:30]) for book in HELD_OUT_BOOKS],
     }
 
 
@@ -132,6 +133,21 @@ def _score(name: str, c, split, cfg: RealCalmConfig, out: Path, trainable: int) 
     return row
 
 
+def _chichewa_bpb(out: Path, models: dict[str, Any], split: dict[str, Any]) -> dict[str, float]:
+    """Bits per byte of held-out Chichewa (the same books and verses as the English test) per model:
+    whether stage 1 taught m_A the language CALM is meant to borrow."""
+    done = out / "chichewa_bpb.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    scores = {
+        name: c.evaluate(split["chichewa_test"], seq_len=512, batch_size=4)["bits_per_byte"]
+        for name, c in models.items()
+    }
+    done.write_text(json.dumps(scores, indent=1))
+    _log("[calm-ny] Chichewa bits per byte: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return scores
+
+
 def run_real_calm(cfg: RealCalmConfig, out: str | Path, root=None) -> dict[str, Any]:
     """Stage 1 (m_A), then CALM and the two controls; each scored; the table."""
     from .. import Composer
@@ -150,12 +166,14 @@ def run_real_calm(cfg: RealCalmConfig, out: str | Path, root=None) -> dict[str, 
         )  # fmt: skip
     m_a = Composer.load(m_a_dir)
     rows.append(_score("m_A", m_a, split, cfg, out, 0))
+    chichewa = _chichewa_bpb(out, {"m_B": Composer(path, strategy="full"), "m_A": m_a}, split)
     calm = Composer(path, m_a.model, strategy="calm", every=cfg.every)
     n_calm = _n_trainable(calm)
     if not (out / "CALM" / "result.json").is_file():
         fit_resumable(calm, split["composition"], cfg, steps=cfg.steps, lr=cfg.calm_lr, out=out / "CALM" / "run")
+        record_frozen_check(out / "CALM", calm.model, path, str(m_a_dir))
     rows.append(_score("CALM", calm, split, cfg, out, n_calm))
-    unchanged = frozen_unchanged(calm.model, path, str(m_a_dir))
+    unchanged = recorded_frozen_check(out / "CALM", out / "real_calm.json")
     _log(f"[calm-ny] anchor and augmenting model bit-identical to their sources after training: {unchanged}")
     del calm
     rank = lora_rank_for(path, n_calm)
@@ -169,7 +187,7 @@ def run_real_calm(cfg: RealCalmConfig, out: str | Path, root=None) -> dict[str, 
     rows.append(_score("m_B fine-tuned", ft, split, cfg, out, _n_trainable(ft)))
     result = {
         "config": asdict(cfg), "rows": rows, "lora_rank": rank, "held_out_books": HELD_OUT_BOOKS,
-        "frozen_models_unchanged": unchanged,
+        "frozen_models_unchanged": unchanged, "chichewa_bpb": chichewa,
     }  # fmt: skip
     (out / "real_calm.json").write_text(json.dumps(result, indent=1))
     return report(out)

@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from .common import _log, _markdown, _n_trainable, plot_bars
-from .real import RealLlamaProConfig, corpora, fit_resumable, frozen_unchanged, lora_rank_for, prepare
+from .real import (
+    RealLlamaProConfig,
+    corpora,
+    fit_resumable,
+    lora_rank_for,
+    prepare,
+    record_frozen_check,
+    recorded_frozen_check,
+)
 
 
 @dataclass
@@ -109,8 +117,9 @@ def run_real_code_calm(cfg: RealCodeCalmConfig, out: str | Path, root=None) -> d
     n_calm = _n_trainable(calm)
     if not (out / "CALM" / "result.json").is_file():
         fit_resumable(calm, data["code_train"], cfg, steps=cfg.steps, lr=cfg.calm_lr, out=out / "CALM" / "run")
+        record_frozen_check(out / "CALM", calm.model, anchor, augment)
     rows.append(_score("CALM", calm, data, cfg, out, n_calm))
-    unchanged = frozen_unchanged(calm.model, anchor, augment)
+    unchanged = recorded_frozen_check(out / "CALM", out / "real_code_calm.json")
     _log(f"[calm-code] anchor and augmenting model bit-identical to their sources after training: {unchanged}")
     del calm
     rank = lora_rank_for(anchor, n_calm)

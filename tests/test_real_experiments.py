@@ -1,0 +1,60 @@
+"""The real-model CALM experiments' drivers, end to end on tiny stand-in models (no downloads):
+every stage runs, writes its result, is skipped when run again, and the frozen models are
+checked after training."""
+
+import json
+
+import pytest
+
+from compose.testing import tiny_model, tiny_tokenizer
+
+
+def _folder(path, seed: int, layers: int):
+    model = tiny_model("llama", seed=seed, layers=layers, positions=1024)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def folders(tmp_path):
+    return _folder(tmp_path / "anchor", 0, 4), _folder(tmp_path / "augment", 1, 4)
+
+
+def test_real_code_calm_driver_runs_resumes_and_checks_the_frozen_models(tmp_path, folders, monkeypatch):
+    import compose.demo.real_code_calm as drv
+    import compose.tasks.real as real
+
+    anchor, augment = folders
+    code = ["def f(x):\n    return x + 1\n" * 20] * 6
+    english = ["In the beginning was the word. " * 20] * 4
+    monkeypatch.setattr(drv, "prepare", lambda cfg, root=None: anchor)
+    monkeypatch.setattr(real, "model_dir", lambda name, root=None: augment)
+    data = {"code_train": code, "english_train": english, "code_test": code[:2], "english_test": english[:2]}
+    monkeypatch.setattr(drv, "corpora", lambda cfg, root=None: data)
+    cfg = drv.RealCodeCalmConfig(steps=2, seq_len=32, batch_size=2, every=2, problems=2, max_new_tokens=4)
+    result = drv.run_real_code_calm(cfg, tmp_path / "run")
+    assert [r["model"] for r in result["rows"]] == ["m_B", "m_A", "CALM", "m_B+LoRA"]
+    assert result["frozen_models_unchanged"] is True
+    assert json.loads((tmp_path / "run" / "CALM" / "frozen_unchanged.json").read_text()) is True
+    assert (tmp_path / "run" / "real_code_calm.png").is_file()
+    again = drv.run_real_code_calm(cfg, tmp_path / "run")  # every stage is skipped: same table
+    assert again["rows"] == result["rows"] and again["frozen_models_unchanged"] is True
+
+
+def test_real_calm_driver_runs_all_stages(tmp_path, folders, monkeypatch):
+    import compose.demo.real_calm as drv
+
+    anchor, _ = folders
+    books = ["Gen", "Exod", "Ruth", "Jonah", "Phil"]
+    verses = [(b, f"mawu a {b} {i} ndi abwino", f"the word of {b} {i} is good") for b in books for i in range(12)]
+    monkeypatch.setattr(drv, "prepare", lambda cfg, root=None: anchor)
+    monkeypatch.setattr(drv, "parallel_verses", lambda root=None: verses)
+    cfg = drv.RealCalmConfig(
+        stage1_steps=2, steps=2, seq_len=32, batch_size=2, every=2, shots=1, test_pairs=2, max_new_tokens=4
+    )
+    result = drv.run_real_calm(cfg, tmp_path / "run")
+    assert [r["model"] for r in result["rows"]] == ["m_B", "m_A", "CALM", "m_B+LoRA", "m_B fine-tuned"]
+    assert result["frozen_models_unchanged"] is True and set(result["chichewa_bpb"]) == {"m_B", "m_A"}
+    assert all(0 <= r["chrF"] <= 100 for r in result["rows"])
+    assert (tmp_path / "run" / "real_calm.png").is_file()
