@@ -136,8 +136,11 @@ def _describe(tp: Any, rule: Rule | None) -> str:
 
 
 def fail(name: str, value: Any, accepted: str) -> OptionError:
+    """The error for option ``name``; it keeps the name in ``.option`` (a recipe names the section)."""
     shown = f"{value!r} ({type(value).__name__})" if isinstance(value, str) else repr(value)
-    return OptionError(f"{name}={shown} is not accepted; expected {accepted}")
+    error = OptionError(f"{name}={shown} is not accepted; expected {accepted}")
+    error.option = name
+    return error
 
 
 def _is_number(value: Any) -> bool:
