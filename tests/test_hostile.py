@@ -298,7 +298,7 @@ def test_hub_id_fails_fast_offline(source, monkeypatch):
 
 
 def test_hub_id_fails_fast_without_network(monkeypatch):
-    import compose.composer as cc
+    import compose.loading as cc
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

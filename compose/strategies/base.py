@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..rules import check_names, validate_fields
+from ..rules import check_names, rules_of, validate_fields
 
 __all__ = [
     "StrategyConfig",
@@ -245,7 +245,12 @@ def strategy_table() -> str:
     ]
     for name in sorted(STRATEGIES):
         cls = STRATEGIES[name]
-        options = ", ".join(f"`{f.name}`" for f in dataclasses.fields(cls.config_class) if f.init)
+        rules = rules_of(cls.config_class)
+        options = ", ".join(
+            f"`{f.name}`" + (f" ({rules[f.name].describe()})" if f.name in rules else "")
+            for f in dataclasses.fields(cls.config_class)
+            if f.init
+        )
         paper = cls.paper or "-"
         rows.append(
             f"| `{name}` | {cls.method or name} | {paper} | {cls.adds} | {cls.trains} | {cls.saves} | {options} |"

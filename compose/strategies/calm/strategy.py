@@ -48,7 +48,7 @@ class Calm(Strategy):
     needs_tokenizers = True
     build_reads_weights = True  # the config fingerprints the base models' weights
     adds = "projections + cross-attention to a frozen augmenting model"
-    trains = "those"
+    trains = "the projections and cross-attentions"
     saves = "composition weights + compose.json"
 
     def __init__(self, config: CalmOptions):
