@@ -35,8 +35,8 @@ class Calm(Strategy):
     >>> c = Composer(tiny_model("llama", hidden=48, heads=6), tiny_model("gpt2", seed=1), strategy="calm", every=2)
     >>> c.strategy.plan
     [(0, 1, 1), (0, 3, 3)]
-    >>> sorted({n.split(".")[2] for n in c.trainable_parameters()})
-    ['k', 'o', 'proj', 'q', 'v']
+    >>> sorted({n.split(".")[2] for n in c.trainable_parameters()})  # norm=True: the norms train too
+    ['k', 'kv_norm', 'o', 'proj', 'q', 'q_norm', 'v']
     """
 
     name = "calm"
