@@ -34,6 +34,7 @@ __all__ = [
     "check_names",
     "validate_options",
     "validate_fields",
+    "check_field",
     "fail",
 ]
 
@@ -264,6 +265,11 @@ def validate_options(
     hints = _cached_hints(cls)
     rules = {**rules_of(cls), **(rules or {})}
     return {name: check_value(name, value, hints.get(name, Any), rules.get(name)) for name, value in options.items()}
+
+
+def check_field(cls: type, name: str, value: Any) -> Any:
+    """One field of dataclass ``cls`` checked against its annotation and declared range; normalised."""
+    return check_value(name, value, _cached_hints(cls).get(name, Any), rules_of(cls).get(name))
 
 
 def validate_fields(obj: Any) -> None:

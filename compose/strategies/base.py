@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..rules import check_names, rules_of, validate_fields
+from ..rules import check_field, check_names, rules_of, validate_fields
 
 __all__ = [
     "StrategyConfig",
@@ -66,8 +66,17 @@ class StrategyConfig:
     (or need more than a type and a range) in ``__post_init__`` after calling this one.
     """
 
+    _checked: ClassVar[bool] = False  # set on the instance once __post_init__ has checked every field
+
     def __post_init__(self) -> None:
         validate_fields(self)
+        object.__setattr__(self, "_checked", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # a field set after construction is checked where it is set, so the object stays valid as it travels
+        if self._checked and name in self.__dataclass_fields__:
+            value = check_field(type(self), name, value)
+        object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
