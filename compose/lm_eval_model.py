@@ -30,9 +30,12 @@ __all__ = ["ComposeLM"]
 
 
 def _is_compose_directory(path: Path) -> bool:
-    from .composer import CONFIG_NAME, _is_calm_directory
+    from .saved import CONFIG_NAME
+    from .strategies import STRATEGIES
 
-    return path.is_dir() and ((path / CONFIG_NAME).is_file() or _is_calm_directory(path))
+    if not path.is_dir():
+        return False
+    return (path / CONFIG_NAME).is_file() or any(cls.is_pretrained_dir(path) for cls in STRATEGIES.values())
 
 
 @register_model("compose")

@@ -266,7 +266,7 @@ def test_choices_that_could_never_learn_are_refused():
         ({"bias": "yes"}, r"lora\.bias must be one of"),
         ({"target_modules": []}, r"lora\.target_modules is an empty list"),
         ({"alpha": 8, "lora_alpha": 8}, r"'alpha' twice"),
-        ("r=4", r"lora must be None or a mapping"),
+        ("r=4", r"lora='r=4' \(str\) is not accepted; expected NewBlockLora or a mapping"),
     ],
 )
 def test_bad_lora_options(lora, match):
@@ -277,16 +277,20 @@ def test_bad_lora_options(lora, match):
 @pytest.mark.parametrize(
     "options,match",
     [
-        (dict(placement=[1.7]), r"placement holds 1\.7: block indices must be integers"),
-        (dict(placement=[True]), r"placement holds True"),
-        (dict(placement=["1"]), r"placement holds '1'"),
-        (dict(num_blocks=2.0), r"num_blocks must be a positive integer, got 2\.0"),
-        (dict(num_blocks=True), r"num_blocks must be a positive integer, got True"),
-        (dict(num_blocks=1, placement=5), r"placement must be one of"),
-        (dict(num_blocks=1, train_embeddings="no"), r"train_embeddings must be true or false, got 'no'"),
+        (dict(placement=[1.7]), r"placement=\[1\.7\] is not accepted; expected a string or a list of integers"),
+        (dict(placement=[True]), r"placement=\[True\] is not accepted"),
+        (dict(placement=["1"]), r"placement=\['1'\] is not accepted"),
+        (dict(num_blocks=2.0), r"num_blocks=2\.0 is not accepted; expected an integer >= 1"),
+        (dict(num_blocks=True), r"num_blocks=True is not accepted; expected an integer >= 1"),
+        (dict(num_blocks=1, placement=5), r"placement=5 is not accepted; expected a string or a list"),
+        (dict(num_blocks=1, placement="middle"), r"placement must be one of"),
+        (
+            dict(num_blocks=1, train_embeddings="no"),
+            r"train_embeddings='no' \(str\) is not accepted; expected true/false",
+        ),
         (dict(num_blocks=1, train_modules=[]), r"train_modules is an empty list"),
         (dict(num_blocks=1, train_modules=["mlp."]), r"train_modules holds 'mlp\.'"),
-        (dict(num_blocks=1, train_modules=3), r"train_modules must be a list of module paths"),
+        (dict(num_blocks=1, train_modules=3), r"train_modules=3 is not accepted; expected a list of strings"),
     ],
 )
 def test_bad_options_name_option_and_value(options, match):

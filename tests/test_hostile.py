@@ -143,9 +143,11 @@ def test_strategy_config_object_is_validated_too(anchor):
     from compose.strategies import LoraConfig
 
     config = LoraConfig()
-    config.use_rslora = "no"  # set after construction: still caught
     with pytest.raises(OptionError, match="use_rslora='no'.*true/false"):
-        Composer(anchor, strategy=config)
+        config.use_rslora = "no"  # set after construction: still caught, where it is set
+    with pytest.raises(OptionError, match="r=0 is not accepted"):
+        config.r = 0
+    Composer(anchor, strategy=config)  # still the valid options
 
 
 def test_num_blocks_limit_is_checked_before_memory_grows(anchor):
@@ -298,7 +300,7 @@ def test_hub_id_fails_fast_offline(source, monkeypatch):
 
 
 def test_hub_id_fails_fast_without_network(monkeypatch):
-    import compose.composer as cc
+    import compose.loading as cc
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compose import Composer
+from compose import STRATEGIES, Composer
 from compose.cli import main
 from compose.harness import compact_results, lm_eval
 from compose.testing import tiny_model, tiny_tokenizer
@@ -66,7 +66,7 @@ def anchor_scores():
         os.chdir(cwd)
 
 
-@pytest.mark.parametrize("strategy", ["block_expand", "lora", "full", "calm"])
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))  # every registered strategy
 def test_local_tasks_run_on_every_strategy(strategy, anchor_scores):
     c = _composer(strategy)
     calls = _count_calls(_strategy_module(c))

@@ -199,10 +199,10 @@ def test_augment_tokenizer_is_passed_to_the_composer(tmp_path):
     tiny_tokenizer().save_pretrained(tok_dir)
     calm = ["strategy=calm", "augment=tiny:llama?layers=2&seed=1", "options={every: 1}"]
     stage = check_recipe(_write(tmp_path, BASE), calm + [f"data.augment_tokenizer={tok_dir}"]).stages[0]
-    assert _build_composer(stage.config).strategy_name == "calm"
+    assert _build_composer(stage).strategy_name == "calm"
     two = check_recipe(_write(tmp_path, BASE), calm + [f"data.augment_tokenizer=[{tok_dir},{tok_dir}]"]).stages[0]
     with pytest.raises(ValueError, match="augment_tokenizer has 2 entries for 1"):
-        _build_composer(two.config)
+        _build_composer(two)
     expand = check_recipe(_write(tmp_path, BASE), [f"data.augment_tokenizer={tok_dir}"]).stages[0]
     with pytest.raises(ValueError, match="takes no augment_tokenizer"):
-        _build_composer(expand.config)
+        _build_composer(expand)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from compose import Composer
+from compose import STRATEGIES, Composer
 from compose.testing import tiny_model
 from compose.train import CheckpointError, latest_checkpoint, verify_checkpoint
 
@@ -147,7 +147,7 @@ def test_two_fits_with_different_mixed_precision_in_one_process(data):
     assert all(torch.isfinite(p).all() for p in c.trainable_parameters().values())
 
 
-@pytest.mark.parametrize("strategy", ["block_expand", "calm", "lora", "full"])
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))  # every registered strategy
 def test_bf16_frozen_weights_train_on_cpu(data, strategy):
     c = fresh(strategy) if strategy == "calm" else fresh(strategy, dtype="bfloat16")
     if strategy == "calm":

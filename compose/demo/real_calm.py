@@ -119,10 +119,13 @@ def _translate(c, split: dict[str, Any], cfg: RealCalmConfig) -> tuple[float, li
     return sacrebleu.corpus_chrf(hyps, [refs]).score, hyps
 
 
+_COLUMNS = ("model", "trainable", "chrF", "English bpb")
+
+
 def _score(name: str, c, split, cfg: RealCalmConfig, out: Path, trainable: int) -> dict:
     done = out / name / "result.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        return {k: v for k, v in json.loads(done.read_text()).items() if k in _COLUMNS}
     t = time.time()
     chrf, hyps = _translate(c, split, cfg)
     english = c.evaluate(split["english_test"], seq_len=512, batch_size=4)["bits_per_byte"]

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..chat import check_template_option
-from ..validation import check_data_file
+from ..datachecks import check_data_file
+from ..strategies import get_strategy
 from .schema import RecipeError, _as_list, to_container
 from .stages import Recipe, check_model, load_recipe, looks_local, stage_sources
 
@@ -107,6 +108,7 @@ def _count(recipe: Recipe, stage, sw: str, previous: Any) -> Any:
         limit = arch.max_positions(c)
         if limit is not None and cfg.data.seq_len > limit:
             raise RecipeError(f"{sw}: data.seq_len={cfg.data.seq_len} is beyond the {role}'s {limit} positions")
+    strategy = get_strategy(cfg.strategy)
     try:
         with torch.device("meta"):
             anchor = AutoModelForCausalLM.from_config(anchor_cfg)
@@ -114,21 +116,18 @@ def _count(recipe: Recipe, stage, sw: str, previous: Any) -> Any:
             composer = Composer(
                 anchor,
                 augments if len(augments) > 1 else (augments[0] if augments else None),
-                strategy=cfg.strategy,
+                strategy=stage.strategy_config,
                 copy_model=False,
-                **to_container(cfg.options),
             )
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{sw}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - a strategy that needs real weights to build (e.g. a measurement)
+    except Exception as e:
+        if not strategy.build_reads_weights:  # a strategy's own bug, or a check it makes: reported, not hidden
+            raise RecipeError(
+                f"{sw}: building the {cfg.strategy} model on the meta device failed: {type(e).__name__}: {e}"
+            ) from e
         recipe.counts[name] = f"not counted: building on the meta device failed ({type(e).__name__})"
         return None
     recipe.counts[name] = sum(p.numel() for p in composer.trainable_parameters().values())
     config = getattr(composer.model, "config", None)
-    return config if get_saves_full(cfg.strategy) else None
-
-
-def get_saves_full(strategy: str) -> bool:
-    from ..strategies import get_strategy
-
-    return get_strategy(strategy).saves_full_model
+    return config if strategy.saves_full_model else None

@@ -23,9 +23,9 @@ def resolve_model(source: str, *, dtype: str | None = None):
         raise RecipeError(str(e)) from None
     model = tiny_from_spec(source)
     if dtype is not None:
-        from ..composer import _as_dtype
+        from ..loading import as_dtype
 
-        model = model.to(dtype=_as_dtype(dtype))
+        model = model.to(dtype=as_dtype(dtype))
     return model
 
 

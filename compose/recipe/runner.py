@@ -8,7 +8,6 @@ that dies while writing them (a full disk) is not marked complete.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from ..publish import describe_sources
 from ..testing import TINY_PREFIX, tiny_tokenizer
 from .check import check_recipe
 from .models import resolve_model
-from .schema import _as_list, to_container, train_config
+from .schema import _as_list, to_container
 from .stages import Recipe, Stage
 
 __all__ = ["run_recipe", "RECIPE_FILE"]
@@ -28,9 +27,10 @@ __all__ = ["run_recipe", "RECIPE_FILE"]
 RECIPE_FILE = "recipe.yaml"
 
 
-def _build_composer(cfg: DictConfig):
+def _build_composer(stage: Stage):
     from ..composer import Composer
 
+    cfg = stage.config
     augments = [resolve_model(str(a), dtype=cfg.dtype) for a in _as_list(to_container(cfg.augment))]
     anchor = resolve_model(cfg.anchor, dtype=cfg.dtype)
     tokenizer = cfg.data.tokenizer
@@ -41,12 +41,11 @@ def _build_composer(cfg: DictConfig):
     return Composer(
         anchor,
         augments if len(augments) > 1 else (augments[0] if augments else None),
-        strategy=cfg.strategy,
+        strategy=stage.strategy_config,
         tokenizer=tokenizer,
         **extra,
         copy_model=False,
         dtype=cfg.dtype,
-        **to_container(cfg.options),
     )
 
 
@@ -140,16 +139,15 @@ def _run_stage(stage: Stage, recipe: Recipe, say, main: bool) -> dict[str, Any]:
 
     cfg = stage.config
     name = stage.name or "main"
-    tc = train_config(cfg, recipe.where)
+    tc = stage.train_config  # built and checked by load_recipe
     say(f"compose: stage {name}: {cfg.strategy} on {cfg.anchor} -> {tc.output_dir}")
-    composer = _build_composer(cfg)
+    composer = _build_composer(stage)
     composer.data_names = describe_sources(to_container(cfg.data.train))
     say(f"compose: {composer!r}")
     measured = cfg.eval.perplexity or cfg.eval.exact_match or cfg.eval.get("lm_eval")
     baseline = _evaluate(composer, cfg) if cfg.eval.baseline and cfg.eval.perplexity else None
     train_blocks = build_data(cfg.data.train, composer, cfg, seed=tc.seed, streaming=tc.streaming)
     eval_blocks = build_data(cfg.data.eval, composer, cfg) if cfg.data.eval else None
-    options = {f.name: getattr(tc, f.name) for f in dataclasses.fields(tc)}
     result: dict[str, Any] = {"output": str(Path(tc.output_dir) / "final")}
 
     def after(c) -> None:
@@ -164,7 +162,7 @@ def _run_stage(stage: Stage, recipe: Recipe, say, main: bool) -> dict[str, Any]:
             _write_outputs(c, cfg, recipe, name, result)
             _report(say, name, result)
 
-    composer._fit(train_blocks, eval_blocks, options, after=after)
+    composer.fit(train_blocks, eval_blocks, config=tc, after=after)
     return result
 
 

@@ -18,8 +18,8 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
+from ..rules import OptionError, option, validate_options
 from ..train import TrainConfig
-from ..validation import POSITIVE, TRAIN_RULES, OptionError, Rule, validate_options, validate_train_options
 
 __all__ = [
     "RecipeError",
@@ -79,11 +79,11 @@ class LmEvalSection:
 
     tasks: list[str] = field(default_factory=list)
     """Task names, e.g. ``[hellaswag, arc_easy]``."""
-    num_fewshot: int | None = None
+    num_fewshot: int | None = option(None, ge=0)
     """Examples in the prompt; default: each task's own."""
-    limit: int | None = None
+    limit: int | None = option(None, ge=1)
     """Cap on examples per task (a quick look, not a score to report)."""
-    batch_size: int = 8
+    batch_size: int = option(8, ge=1)
     """Sequences per batch."""
 
 
@@ -99,22 +99,18 @@ class EvalSection:
     """Names of the perplexity sets that are the training domain (the others are "general" in the forgetting report)."""
     baseline: bool = False
     """Also evaluate before training (for ``block_expand``/``calm``/``lora`` this is the anchor) and write a forgetting report."""
-    batch_size: int = 8
+    batch_size: int = option(8, ge=1)
     """Sequences per evaluation batch (and prompts per generation batch)."""
-    seq_len: int | None = None
+    seq_len: int | None = option(None, ge=2)
     """Tokens per perplexity block; default: ``data.seq_len``."""
-    max_batches: int | None = None
+    max_batches: int | None = option(None, ge=1)
     """Cap on batches per perplexity set."""
-    max_new_tokens: int | None = None
+    max_new_tokens: int | None = option(None, ge=1)
     """Exact-match generation length; default: longest answer + 8 tokens."""
     plots: bool = True
     """Write loss / perplexity / forgetting PNGs into the output directory."""
     lm_eval: LmEvalSection | None = None
     """lm-evaluation-harness tasks: ``{tasks: [...], num_fewshot, limit, batch_size}``."""
-
-
-EVAL_RULES = {"batch_size": POSITIVE, "seq_len": Rule(ge=2), "max_batches": POSITIVE, "max_new_tokens": POSITIVE}
-LM_EVAL_RULES = {"num_fewshot": Rule(ge=0), "limit": POSITIVE, "batch_size": POSITIVE}
 
 
 @dataclass
@@ -145,7 +141,7 @@ class RecipeSchema:
     augment: Any = None
     """Augmenting model(s) for ``calm``: same forms, or a list."""
     strategy: str = MISSING
-    """A registered strategy name (block_expand, calm, lora, full)."""
+    """A registered strategy name (``compose.STRATEGIES``)."""
     options: dict[str, Any] = field(default_factory=dict)
     """The strategy's options (see its config class)."""
     dtype: str | None = None
@@ -243,45 +239,48 @@ def _as_list(value: Any) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _check(cls: type, values: dict, where: str, section: str, rules: dict | None = None) -> dict:
+def _check(cls: type, values: dict, where: str, section: str) -> dict:
     try:
-        return validate_options(cls, values, rules=rules, what="key", owner=f" in {section}")
+        return validate_options(cls, values, what="key", owner=f" in {section}")
     except OptionError as e:
         raise RecipeError(f"{where}: {section}: {e}") from None
 
 
-def validate_sections(cfg: DictConfig, where: str) -> None:
-    """Types and ranges of every value of a resolved (stage) config, through :mod:`compose.validation`."""
+def validate_sections(cfg: DictConfig, where: str) -> TrainConfig:
+    """Types and ranges of every value of a resolved (stage) config, each section checked once by its
+    dataclass; returns the stage's :class:`TrainConfig` (``train`` with the data options folded in)."""
     top = {k: to_container(cfg[k]) for k in ("anchor", "strategy", "dtype")}
     _check(RecipeSchema, top, where, "recipe")
     data = to_container(cfg.data)
     _check(DataSection, {k: data[k] for k in ("tokenizer", "augment_tokenizer")}, where, "data")
-    _check(TrainConfig, {k: data[k] for k in DATA_KEYS}, where, "data", TRAIN_RULES)
     _check(OutputSection, to_container(cfg.output), where, "output")
     ev = to_container(cfg.eval)
     lm = ev.pop("lm_eval", None)
-    _check(EvalSection, ev, where, "eval", EVAL_RULES)
+    _check(EvalSection, ev, where, "eval")
     if lm is not None:
         if not isinstance(lm, dict):
             raise RecipeError(f"{where}: eval.lm_eval must be a mapping {{tasks, num_fewshot, limit, batch_size}}")
-        lm = _check(LmEvalSection, lm, where, "eval.lm_eval", LM_EVAL_RULES)
+        lm = _check(LmEvalSection, lm, where, "eval.lm_eval")
         if not lm.get("tasks"):
             raise RecipeError(f"{where}: eval.lm_eval.tasks is empty; name at least one task (e.g. [hellaswag])")
         cfg.eval.lm_eval = dataclasses.asdict(LmEvalSection(**lm))  # defaults filled in
-    train_config(cfg, where)
+    return train_config(cfg, where)
 
 
 def train_config(cfg: DictConfig, where: str = "recipe") -> TrainConfig:
-    """The :class:`TrainConfig` of a resolved stage config (data options and output dir folded in)."""
+    """The :class:`TrainConfig` of a resolved stage config (data options and output dir folded in).
+
+    Built once, so checked once; an error names the section the option is written in (``data``
+    or ``train``).
+    """
     options = to_container(cfg.train)
-    try:
-        options = validate_train_options(options)
-    except OptionError as e:
-        raise RecipeError(f"{where}: train: {e}") from None
-    options.update({k: cfg.data[k] for k in DATA_KEYS})
+    options.update({k: to_container(cfg.data[k]) for k in DATA_KEYS})
     options["output_dir"] = cfg.output.dir
     options["save_final"] = True
     try:
-        return TrainConfig.from_kwargs(**options)
+        return TrainConfig(**options)
+    except OptionError as e:
+        section = "data" if getattr(e, "option", None) in DATA_KEYS else "train"
+        raise RecipeError(f"{where}: {section}: {e}") from None
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{where}: train: {e}") from None

@@ -10,15 +10,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..strategies import STRATEGIES, get_strategy
+from ..loading import DTYPES
+from ..rules import OptionError, Rule, check_value
+from ..strategies import STRATEGIES, StrategyConfig, get_strategy, make_config
 from ..testing import TINY_PREFIX, parse_tiny_spec
-from ..validation import (
-    OptionError,
-    Rule,
-    check_path_component,
-    check_value,
-    validate_strategy_options,
-)
+from ..validation import check_path_component
 from .overrides import apply_override, has_key, parse_override
 from .schema import (
     SOURCE_KEYS,
@@ -46,6 +42,10 @@ class Stage:
     config: DictConfig
     chained: bool = False
     """True when the anchor is the previous stage's output (it does not exist before the run)."""
+    strategy_config: StrategyConfig | None = None
+    """The strategy's options as its config object (set, and so checked, by ``load_recipe``)."""
+    train_config: Any = None
+    """The stage's :class:`~compose.train.TrainConfig` (set, and so checked, by ``load_recipe``)."""
 
     @property
     def output_dir(self) -> Path:
@@ -199,11 +199,10 @@ def validate_stage(stage: Stage, where: str) -> None:
         strategy_cls = get_strategy(cfg.strategy) if isinstance(cfg.strategy, str) else None
         if strategy_cls is None:
             raise RecipeError(f"strategy must be a name, got {cfg.strategy!r}")
-        validate_strategy_options(cfg.strategy, to_container(cfg.options))
-        strategy_cls.config_class(**to_container(cfg.options))
+        stage.strategy_config = make_config(cfg.strategy, to_container(cfg.options))
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{sw}: options: {e}" if isinstance(e, OptionError) else f"{sw}: {e}") from None
-    validate_sections(cfg, sw)
+    stage.train_config = validate_sections(cfg, sw)
     if cfg.anchor is None:
         raise RecipeError(f"{sw}: no anchor model (a hub id, a local directory or tiny:FAMILY)")
     augments = _as_list(to_container(cfg.augment))
@@ -211,7 +210,7 @@ def validate_stage(stage: Stage, where: str) -> None:
         raise RecipeError(f"{sw}: strategy {cfg.strategy!r} needs an augmenting model (augment: ...)")
     if not strategy_cls.takes_augment and augments:
         raise RecipeError(f"{sw}: strategy {cfg.strategy!r} takes no augmenting model; remove augment")
-    if cfg.dtype is not None and cfg.dtype not in ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+    if cfg.dtype is not None and cfg.dtype not in DTYPES:
         raise RecipeError(f"{sw}: dtype {cfg.dtype!r} is not one of float32, bfloat16, float16")
     if not _as_list(to_container(cfg.data.train)):
         raise RecipeError(f"{sw}: data.train is empty; give a file, a hub dataset or a list of them")

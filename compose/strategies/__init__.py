@@ -1,6 +1,17 @@
 """Strategies: one module each, registered by name in :data:`STRATEGIES`."""
 
-from .base import STRATEGIES, Strategy, StrategyConfig, get_strategy, make_config, register
+from .base import (
+    STRATEGIES,
+    Pretrained,
+    Strategy,
+    StrategyConfig,
+    get_strategy,
+    make_config,
+    register,
+    strategy_of,
+    strategy_table,
+    unregister,
+)
 from .block_expand import BlockExpand, BlockExpandConfig
 from .calm import Calm, CalmConfig, CalmForCausalLM, CalmModel, CalmOptions
 from .full import Full, FullConfig
@@ -13,6 +24,10 @@ __all__ = [
     "get_strategy",
     "make_config",
     "register",
+    "unregister",
+    "strategy_of",
+    "strategy_table",
+    "Pretrained",
     "BlockExpand",
     "BlockExpandConfig",
     "Calm",

@@ -30,13 +30,7 @@ Two options narrow what trains inside the copies:
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
-import numbers
-import warnings
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -46,170 +40,25 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .. import arch
-from ..validation import OptionError
+from ..rules import OptionError, option
 from .base import Strategy, StrategyConfig, register, shard_options
+from .block_expand_lora import (
+    NewBlockLora,
+    _as_patterns,
+    _init_lora_,
+    _is_linear,
+    _lora_layers,
+    _matches,
+    _module_names,
+    inject_adapters,
+    merged_state_dict,
+)
 
 __all__ = ["BlockExpandConfig", "BlockExpand", "NewBlockLora", "plan_insertions", "merged_state_dict"]
 
 _NAMED_PLACEMENTS = ("interleave", "top", "bottom")
 #: at most this many copies per original block: more only grows memory (LLaMA Pro adds 1 per 4).
 MAX_BLOCKS_PER_LAYER = 4
-_ADAPTER = "default"
-
-
-# ---------------------------------------------------------------------------- LoRA options
-_LORA_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout"}
-_LORA_BIAS = ("none", "lora_only", "all")
-# init_lora_weights values that keep B = 0, hence the copies exact identity maps at init.
-_ZERO_B_INITS = (True, "gaussian")
-
-
-@dataclass
-class NewBlockLora:
-    """LoRA adapters on the new blocks' linear layers (the ``lora`` option of ``block_expand``).
-
-    Field names are peft ``LoraConfig``'s (``lora_alpha`` / ``lora_dropout`` are also
-    accepted as ``alpha`` / ``dropout``); the update of a layer is ``(alpha / r) * B A``.
-
-    Attributes:
-        r: adapter rank.
-        alpha: scale numerator.
-        dropout: dropout on the adapter's input (training only).
-        target_modules: ``"all-linear"`` (every linear / ``Conv1D`` layer of the new blocks)
-            or patterns of module paths inside a block, such as ``["o_proj", "mlp"]`` (a
-            pattern names whole path components; ``*`` is a wildcard inside one component).
-        use_rslora: scale by ``alpha / sqrt(r)`` instead (rank-stabilised LoRA).
-        init_lora_weights: ``True`` (peft's default: ``A`` Kaiming-uniform, ``B`` zero) or
-            ``"gaussian"`` (``A`` normal with std ``1/r``, ``B`` zero). Inits that start
-            ``B`` non-zero or rewrite the base weights (``False``, PiSSA, OLoRA, LoftQ,
-            EVA, CorDA ...) would break identity at init and are refused.
-        bias: ``"none"``, ``"lora_only"`` (the biases of the adapted layers also train) or
-            ``"all"`` (every bias of the new blocks also trains).
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: str | list[str] = "all-linear"
-    use_rslora: bool = False
-    init_lora_weights: bool | str = True
-    bias: str = "none"
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any] | NewBlockLora) -> NewBlockLora:
-        """Build from a dict of peft-style fields; unknown or unsupported fields are errors listing the accepted."""
-        if isinstance(options, NewBlockLora):
-            return options
-        if not isinstance(options, Mapping):
-            raise ValueError(
-                f"lora must be None or a mapping of LoRA fields such as {{'r': 16, 'alpha': 32}}, got {options!r}"
-            )
-        accepted = [f.name for f in dataclasses.fields(cls)]
-        shown = ", ".join(accepted + [f"{k} (= {v})" for k, v in _LORA_ALIASES.items()])
-        fields: dict[str, Any] = {}
-        for key, value in options.items():
-            name = _LORA_ALIASES.get(key, key)
-            if name in fields:
-                raise ValueError(f"lora gives {name!r} twice (as {key!r} and under another name); give it once")
-            if name == "use_dora":
-                raise ValueError(
-                    "lora.use_dora is not supported on new blocks: DoRA divides by the norm of each weight "
-                    "column, which is zero on the zeroed output projections of the copies. Use plain LoRA."
-                )
-            if name not in accepted:
-                raise ValueError(f"{_describe_unknown_lora_field(key)}; accepted lora fields: {shown}")
-            fields[name] = value
-        return cls(**fields)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, numbers.Integral) or self.r <= 0:
-            raise ValueError(f"lora.r must be a positive integer, got {self.r!r}")
-        self.r = int(self.r)
-        for name in ("alpha", "dropout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ValueError(f"lora.{name} must be a finite number, got {value!r}")
-            setattr(self, name, float(value))
-        if not self.alpha > 0:
-            raise ValueError(f"lora.alpha must be > 0, got {self.alpha!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"lora.use_rslora must be true or false, got {self.use_rslora!r}")
-        if self.bias not in _LORA_BIAS:
-            raise ValueError(f"lora.bias must be one of {', '.join(map(repr, _LORA_BIAS))}, got {self.bias!r}")
-        if self.target_modules != "all-linear":
-            self.target_modules = _as_patterns(self.target_modules, "lora.target_modules", allow_all=False)
-        init = self.init_lora_weights
-        if not any(init is v if isinstance(v, bool) else init == v for v in _ZERO_B_INITS):
-            raise ValueError(
-                f"lora.init_lora_weights={init!r} would not start the adapters at zero (it draws B at random "
-                "or rewrites the base weights), so the expanded model would no longer equal the original at "
-                "init; use True (default) or 'gaussian'"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _describe_unknown_lora_field(key: str) -> str:
-    try:
-        import peft
-
-        peft_fields = {f.name for f in dataclasses.fields(peft.LoraConfig)}
-    except ImportError:  # pragma: no cover - peft is a dependency
-        peft_fields = set()
-    if key in peft_fields:
-        return (
-            f"lora field {key!r} (a peft LoraConfig field) is not supported on new blocks: the adapted layers "
-            "are chosen by num_blocks/placement, train_modules and lora.target_modules"
-        )
-    return f"unknown lora field {key!r}"
-
-
-# ---------------------------------------------------------------------------- module patterns
-def _as_patterns(value: Any, option: str, *, allow_all: bool) -> list[str] | None:
-    """A list of dotted patterns from a list or a comma-separated string; ``None`` for ``"all"``."""
-    if isinstance(value, str):
-        if allow_all and value.strip() == "all":
-            return None
-        value = [v.strip() for v in value.split(",")]
-    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
-        raise ValueError(
-            f"{option} must be a list of module paths such as ['mlp'] or ['self_attn.o_proj'], got {value!r}"
-        )
-    patterns = list(value)
-    if allow_all and patterns == ["all"]:
-        return None
-    if not patterns:
-        raise ValueError(
-            f"{option} is an empty list; give module paths such as ['mlp']" + (" or 'all'" if allow_all else "")
-        )
-    for p in patterns:
-        if not isinstance(p, str) or not p or any(not part for part in p.split(".")):
-            raise ValueError(f"{option} holds {p!r}; each entry is a dotted module path such as 'self_attn.o_proj'")
-    return patterns
-
-
-def _matches(pattern: str, path: str) -> bool:
-    """Whether ``pattern``'s dotted components occur as a contiguous run in ``path`` (``*`` per component)."""
-    want, have = pattern.split("."), path.split(".")
-    k = len(want)
-    return any(all(fnmatchcase(h, w) for h, w in zip(have[i : i + k], want)) for i in range(len(have) - k + 1))
-
-
-def _module_names(block: nn.Module) -> list[str]:
-    """Paths inside a block that own parameters (modules, and bare parameters such as fused experts)."""
-    names = set()
-    for pname, _ in block.named_parameters():
-        owner, _, leaf = pname.rpartition(".")
-        parts = (owner if leaf in ("weight", "bias") and owner else pname).split(".")
-        names.update(".".join(parts[: i + 1]) for i in range(len(parts)))
-    return sorted(names)
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
 
 
 # ---------------------------------------------------------------------------- config
@@ -237,21 +86,15 @@ class BlockExpandConfig(StrategyConfig):
             the new blocks' linear layers train, and ``save`` merges them.
     """
 
-    num_blocks: int | None = None
+    num_blocks: int | None = option(None, ge=1)
     placement: str | list[int] = "interleave"
     train_embeddings: bool = False
     train_modules: list[str] | str | None = None
     lora: NewBlockLora | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.placement, (list, tuple)):
-            bad = [i for i in self.placement if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
-            if bad:
-                raise ValueError(
-                    f"placement holds {', '.join(map(repr, bad))}: block indices must be integers "
-                    "(e.g. placement=[3, 7]), not floats, booleans or strings"
-                )
-            self.placement = [int(i) for i in self.placement]
+        super().__post_init__()  # types and ranges of every field
+        if isinstance(self.placement, list):
             if not self.placement:
                 raise ValueError("placement is an empty list; give at least one block index")
             if self.num_blocks is not None and self.num_blocks != len(self.placement):
@@ -260,22 +103,13 @@ class BlockExpandConfig(StrategyConfig):
                     "give one or the other"
                 )
             self.num_blocks = len(self.placement)
-        elif not isinstance(self.placement, str) or self.placement not in _NAMED_PLACEMENTS:
+        elif self.placement not in _NAMED_PLACEMENTS:
             raise ValueError(
                 f"placement must be one of {', '.join(map(repr, _NAMED_PLACEMENTS))} or a list of block indices, "
                 f"got {self.placement!r}"
             )
         if self.num_blocks is None:
             raise ValueError("block_expand needs num_blocks (how many blocks to add), e.g. num_blocks=8")
-        if (
-            isinstance(self.num_blocks, bool)
-            or not isinstance(self.num_blocks, numbers.Integral)
-            or self.num_blocks <= 0
-        ):
-            raise ValueError(f"num_blocks must be a positive integer, got {self.num_blocks!r}")
-        self.num_blocks = int(self.num_blocks)
-        if not isinstance(self.train_embeddings, bool):
-            raise ValueError(f"train_embeddings must be true or false, got {self.train_embeddings!r}")
         if self.train_modules is not None:
             self.train_modules = _as_patterns(self.train_modules, "train_modules", allow_all=True)
         if self.lora is not None:
@@ -358,45 +192,6 @@ def _identity_copy(model: PreTrainedModel, block: nn.Module) -> nn.Module:
     return new
 
 
-# ---------------------------------------------------------------------------- LoRA on the new blocks
-def _lora_layers(model: nn.Module):
-    from peft.tuners.lora import LoraLayer
-
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
-
-
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model``'s state dict with every LoRA adapter merged into its base layer, under the plain names.
-
-    The model itself is not changed; only the adapted layers' weights are new tensors.
-    """
-    state = model.state_dict()
-    for name, layer in _lora_layers(model):
-        base = layer.get_base_layer()
-        for key in [k for k in state if k.startswith(f"{name}.")]:
-            del state[key]
-        with torch.no_grad():
-            delta = sum(layer.get_delta_weight(a) for a in layer.lora_A)
-            state[f"{name}.weight"] = (base.weight.float() + delta.float()).to(base.weight.dtype)
-        if base.bias is not None:
-            state[f"{name}.bias"] = base.bias.detach()
-    return state
-
-
-def _init_lora_(layer: nn.Module, generator: torch.Generator, init: bool | str) -> None:
-    """Draw ``A`` from a seeded generator (peft's distributions) and zero ``B``: same options, same adapters."""
-    with torch.no_grad():
-        for adapter in layer.lora_A:
-            a = layer.lora_A[adapter].weight
-            if init == "gaussian":
-                fresh = torch.randn(a.shape, generator=generator) / layer.r[adapter]
-            else:  # Kaiming-uniform with a = sqrt(5), as nn.Linear and peft: bound 1 / sqrt(fan_in)
-                bound = 1 / math.sqrt(a.shape[1])
-                fresh = torch.rand(a.shape, generator=generator) * (2 * bound) - bound
-            a.copy_(fresh.to(a.dtype))
-            layer.lora_B[adapter].weight.zero_()
-
-
 # ---------------------------------------------------------------------------- the strategy
 @register
 class BlockExpand(Strategy):
@@ -405,11 +200,18 @@ class BlockExpand(Strategy):
     paper = "https://arxiv.org/abs/2401.02415"
     config_class = BlockExpandConfig
     saves_full_model = True
+    adds = "identity-initialised copies of blocks"
+    trains = "the copies (or LoRA adapters on them)"
+    saves = "a plain transformers checkpoint"
 
     def __init__(self, config: BlockExpandConfig):
         super().__init__(config)
         #: positions of the inserted blocks in the expanded model (set by ``build``/``load``).
         self.inserted: list[int] = []
+
+    def check(self, model_config: Any) -> None:
+        """``num_blocks`` and ``placement`` against the anchor's number of blocks (the plan holds the rule)."""
+        plan_insertions(arch.num_layers(model_config), self.config)
 
     def build(self, anchor: PreTrainedModel, augments: list[PreTrainedModel]) -> nn.Module:
         if augments:
@@ -525,8 +327,6 @@ class BlockExpand(Strategy):
         return chosen
 
     def _add_adapters(self, model: PreTrainedModel, new: list[nn.Module], residual: tuple[str, ...]) -> None:
-        import peft
-
         lora = self.config.lora
         if not new:
             return
@@ -539,23 +339,7 @@ class BlockExpand(Strategy):
             self._dead_blocks_error(model, "lora (with train_modules / lora.target_modules)")
         prefix = arch.get_family(model).blocks
         full = [f"{prefix}.{i}.{t}" for i in self.inserted for t in targets]
-        conv = isinstance(new[0].get_submodule(targets[0]), Conv1D)
-        config = peft.LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=full,
-            use_rslora=lora.use_rslora,
-            init_lora_weights=lora.init_lora_weights,
-            fan_in_fan_out=conv,
-            bias="none",
-        )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-            peft.inject_adapter_in_model(config, model, adapter_name=_ADAPTER)
-        # inject_adapter_in_model leaves its config on the model; the model stays a plain transformers one.
-        if hasattr(model, "peft_config"):
-            del model.peft_config
+        inject_adapters(model, lora, full, conv=isinstance(new[0].get_submodule(targets[0]), Conv1D))
         model.requires_grad_(False)
         generator = torch.Generator().manual_seed(0)
         blocks = arch.get_blocks(model)

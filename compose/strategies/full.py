@@ -47,8 +47,7 @@ class FullConfig(StrategyConfig):
     blocks: list[int] | str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.train_embeddings, bool):
-            raise ValueError(f"train_embeddings must be true or false, got {self.train_embeddings!r}")
+        super().__post_init__()
         b = self.blocks
         if isinstance(b, str):
             kind, _, count = b.partition(":")
@@ -85,6 +84,9 @@ class Full(Strategy):
     method = "full fine-tuning"
     config_class = FullConfig
     saves_full_model = True
+    adds = "nothing"
+    trains = "everything (or the chosen blocks)"
+    saves = "a plain transformers checkpoint"
 
     def build(self, anchor: PreTrainedModel, augments: list[PreTrainedModel]) -> nn.Module:
         if augments:

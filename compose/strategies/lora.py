@@ -28,6 +28,7 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..rules import option
 from .base import Strategy, StrategyConfig, register, shard_options
 
 __all__ = ["LoraConfig", "Lora", "merge_and_export"]
@@ -51,20 +52,15 @@ class LoraConfig(StrategyConfig):
             at large ranks.
     """
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    r: int = option(8, ge=1)
+    alpha: float = option(16.0, gt=0)
+    dropout: float = option(0.0, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
     bias: str = "none"
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        super().__post_init__()
         if self.bias not in _BIAS:
             raise ValueError(f"bias must be one of {', '.join(map(repr, _BIAS))}, got {self.bias!r}")
         if isinstance(self.target_modules, (list, tuple)):
@@ -94,6 +90,9 @@ class Lora(Strategy):
     method = "LoRA"
     paper = "https://arxiv.org/abs/2106.09685"
     library_name = "peft"
+    adds = "LoRA adapters through peft"
+    trains = "the adapters"
+    saves = "a peft adapter (`compose export` merges it)"
     config_class = LoraConfig
 
     def build(self, anchor: PreTrainedModel, augments: list[PreTrainedModel]) -> nn.Module:

@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import PreTrainedModel
 
+from ...rules import option
 from ..base import StrategyConfig
 
 __all__ = ["INPUT", "CalmOptions", "plan_connections", "check_same_vocabulary", "anchor_target"]
@@ -56,28 +57,17 @@ class CalmOptions(StrategyConfig):
             times larger than the token embeddings they are added to (docs/results.md).
     """
 
-    every: int = 4
+    every: int = option(4, ge=1)
     connections: list | None = None
-    num_heads: int | None = None
+    num_heads: int | None = option(None, ge=1)
     norm: bool = True
     gate: bool = False
-    window: int | None = None
+    window: int | None = option(None, ge=1)
     null_kv: bool = False
-    out_scale: float | None = None
+    out_scale: float | None = option(None, gt=0)
 
     def __post_init__(self) -> None:
-        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"every must be a positive integer, got {self.every!r}")
-        if self.num_heads is not None and (
-            isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1
-        ):
-            raise ValueError(f"num_heads must be a positive integer or None, got {self.num_heads!r}")
-        if self.window is not None and (not _is_int(self.window) or self.window < 1):
-            raise ValueError(f"window must be a positive integer or None, got {self.window!r}")
-        if self.out_scale is not None and (
-            isinstance(self.out_scale, bool) or not isinstance(self.out_scale, (int, float)) or self.out_scale <= 0
-        ):
-            raise ValueError(f"out_scale must be a positive number or None, got {self.out_scale!r}")
+        super().__post_init__()
         if self.connections is not None:
             self.connections = _normalise_connections(self.connections)
 

@@ -110,7 +110,7 @@ def _load_one(source: Any, what: str, directory: str, options: dict[str, Any]) -
             f"{directory} does not name the {what} (the composition was built from an in-memory model); "
             f"pass it to from_pretrained: anchor=... / augments=[...]"
         )
-    from ...composer import load_model
+    from ...loading import load_model
 
     try:
         model, _ = load_model(source, copy_model=False, **options)

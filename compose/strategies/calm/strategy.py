@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ... import arch
-from ..base import Strategy, register
+from ..base import Pretrained, Strategy, register
 from .configuration import CalmConfig
 from .modeling import CalmForCausalLM
 from .options import INPUT, CalmOptions, _local_tokenizer, check_same_vocabulary, plan_connections
@@ -35,8 +35,8 @@ class Calm(Strategy):
     >>> c = Composer(tiny_model("llama", hidden=48, heads=6), tiny_model("gpt2", seed=1), strategy="calm", every=2)
     >>> c.strategy.plan
     [(0, 1, 1), (0, 3, 3)]
-    >>> sorted({n.split(".")[2] for n in c.trainable_parameters()})
-    ['k', 'o', 'proj', 'q', 'v']
+    >>> sorted({n.split(".")[2] for n in c.trainable_parameters()})  # norm=True: the norms train too
+    ['k', 'kv_norm', 'o', 'proj', 'q', 'q_norm', 'v']
     """
 
     name = "calm"
@@ -45,6 +45,11 @@ class Calm(Strategy):
     library_name = "compose"
     config_class = CalmOptions
     takes_augment = True
+    needs_tokenizers = True
+    build_reads_weights = True  # the config fingerprints the base models' weights
+    adds = "projections + cross-attention to a frozen augmenting model"
+    trains = "the projections and cross-attentions"
+    saves = "composition weights + compose.json"
 
     def __init__(self, config: CalmOptions):
         super().__init__(config)
@@ -62,6 +67,30 @@ class Calm(Strategy):
         """
         self._tokenizer = tokenizer
         self._augment_tokenizers = None if augment_tokenizers is None else list(augment_tokenizers)
+
+    def check_data(self, model: nn.Module, data: Any, name: str) -> None:
+        """Across tokenizers, the augmenting models read text: token ids alone cannot be composed."""
+        if getattr(model, "is_cross_tokenizer", False):
+            from .xtok import check_text_data
+
+            check_text_data(data, name)
+
+    @classmethod
+    def is_pretrained_dir(cls, directory: Path) -> bool:
+        """A ``CalmForCausalLM.save_pretrained`` directory (``model_type="compose_calm"``, no ``compose.json``)."""
+        from ...io import read_json
+
+        config = Path(directory) / "config.json"
+        return config.is_file() and read_json(config).get("model_type") == CalmConfig.model_type
+
+    @classmethod
+    def load_pretrained(cls, directory: Path, anchor: Any, augments: list[Any] | None, dtype: Any) -> Pretrained:
+        """``CalmForCausalLM.from_pretrained(directory)``; base models from ``anchor``/``augments`` or as recorded."""
+        options = {"dtype": dtype} if dtype is not None else {}
+        model = CalmForCausalLM.from_pretrained(directory, anchor=anchor, augments=augments, **options)
+        strategy = cls(CalmOptions(**model.config.options))
+        strategy.plan = list(model.plan)
+        return Pretrained(strategy, model, model.config.anchor, list(model.config.augments))
 
     def build(self, anchor: PreTrainedModel, augments: list[PreTrainedModel]) -> nn.Module:
         if anchor is None:
