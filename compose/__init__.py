@@ -7,12 +7,11 @@ transformers' ``AutoConfig`` and ``AutoModelForCausalLM``, so a saved compositio
 ``AutoModelForCausalLM.from_pretrained(directory)``.
 """
 
-__version__ = "0.1.0"
-
 from .composer import Composer, load_model  # noqa: E402
 from .recipe import check_recipe, load_recipe, run_recipe  # noqa: E402
 from .strategies import STRATEGIES, Strategy, StrategyConfig, register  # noqa: E402
 from .strategies.calm import CalmConfig, CalmForCausalLM  # noqa: E402 - registers the Auto classes
+from .version import __version__
 
 __all__ = [
     "Composer",

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from . import __version__, arch
+from . import arch
 from .datachecks import check_data_file, check_tokenizer_vocabulary, vocab_size
 from .fitting import check_fit_data, fit_config, run_directory
 from .guards import check_causal_lm, check_finite_weights, check_not_meta, check_text_records
@@ -33,6 +33,7 @@ from .rules import OptionError
 from .saved import CONFIG_NAME, FORMAT_VERSION, load_composer
 from .strategies import StrategyConfig, get_strategy, make_config, strategy_of
 from .validation import validate_generate_inputs, validate_generate_options
+from .version import __version__
 
 __all__ = ["Composer", "load_model", "hub_access", "CONFIG_NAME", "FORMAT_VERSION"]
 

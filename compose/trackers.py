@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .validation import OptionError
+from .rules import OptionError
 
 __all__ = ["TRACKERS", "check_report_to", "resolve_trackers", "project_name", "init_kwargs", "finish"]
 

@@ -6,7 +6,8 @@ section); the object checks them once, here, and then travels as is:
 
 * the **type** comes from the config dataclass's annotation (see :mod:`compose.rules`);
 * the **range** is declared once: next to the field for strategy options and recipe sections
-  (``option(8, ge=1)``), and in :data:`TRAIN_RULES` for :class:`compose.train.TrainConfig`.
+  (``option(8, ge=1)``), and in :data:`compose.train.config.TRAIN_RULES` for
+  :class:`compose.train.TrainConfig`.
 
 Errors are :class:`OptionError` (a ``ValueError`` and a ``TypeError``) naming the option, the
 value given and what is accepted. The checks of data files and token ids live in
@@ -37,13 +38,11 @@ __all__ = [
     "Rule",
     "option",
     "rules_of",
-    "TRAIN_RULES",
     "GENERATE_RULES",
     "check_value",
     "check_names",
     "validate_options",
     "validate_fields",
-    "validate_train_options",
     "validate_generate_options",
     "validate_generate_inputs",
     "check_path_component",
@@ -54,29 +53,6 @@ __all__ = [
     "NON_NEGATIVE",
     "POSITIVE",
 ]
-
-#: Ranges of :class:`compose.train.TrainConfig` options (types come from its annotations).
-TRAIN_RULES: dict[str, Rule] = {
-    "max_steps": POSITIVE,
-    "learning_rate": Rule(gt=0),
-    "batch_size": POSITIVE,
-    "seq_len": POSITIVE,
-    "gradient_accumulation_steps": POSITIVE,
-    "warmup_ratio": Rule(ge=0, lt=1),
-    "min_lr_ratio": Rule(ge=0, le=1),
-    "weight_decay": NON_NEGATIVE,
-    "adam_betas": Rule(ge=0, lt=1),
-    "adam_eps": Rule(gt=0),
-    "max_grad_norm": Rule(gt=0, note="use None for no clipping"),
-    "loss_chunk_tokens": POSITIVE,
-    "eval_every": NON_NEGATIVE,
-    "eval_batches": Rule(ge=1, note="use None for all batches"),
-    "save_every": NON_NEGATIVE,
-    "keep_checkpoints": POSITIVE,
-    "seed": NON_NEGATIVE,
-    "log_every": NON_NEGATIVE,
-    "num_proc": POSITIVE,
-}
 
 #: Ranges of :meth:`Composer.generate` options that compose checks before ``transformers`` sees them.
 GENERATE_RULES: dict[str, Rule] = {
@@ -101,22 +77,6 @@ _GENERATE_TYPES: dict[str, Any] = {
     "do_sample": bool,
     "use_cache": bool,
 }
-
-
-def validate_train_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The keyword options of ``Composer.fit`` checked against :class:`~compose.train.TrainConfig`."""
-    from .train import TrainConfig
-
-    out = validate_options(TrainConfig, options, rules=TRAIN_RULES, what="training option")
-    if out.get("max_grad_norm") == 0:
-        raise fail("max_grad_norm", 0, "a number > 0 (use None for no clipping)")
-    if "callbacks" in out and not all(callable(cb) for cb in out["callbacks"]):
-        raise fail("callbacks", out["callbacks"], "a list of callables cb(step, metrics)")
-    if "report_to" in out:
-        from .trackers import check_report_to
-
-        check_report_to(out["report_to"])  # names only; whether each is installed is checked when training starts
-    return out
 
 
 def validate_generate_options(

@@ -1019,7 +1019,8 @@ class _Future:
     ],
 )
 def test_new_options_are_checked_from_their_annotation_and_rule(options, match):
-    from compose.validation import TRAIN_RULES, validate_options
+    from compose.train.config import TRAIN_RULES
+    from compose.validation import validate_options
 
     with pytest.raises(OptionError, match=match):
         validate_options(_Future, options, rules=TRAIN_RULES)

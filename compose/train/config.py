@@ -9,6 +9,10 @@ from typing import Any, Literal
 
 from torch import nn
 
+from .. import rules
+from ..rules import NON_NEGATIVE, POSITIVE, Rule, fail
+from ..trackers import check_report_to
+
 
 @dataclass
 class TrainConfig:
@@ -102,9 +106,6 @@ class TrainConfig:
     """Callables ``cb(step, metrics)`` run after every optimizer step on every process."""
 
     def __post_init__(self) -> None:
-        # types and ranges: the one validation layer (compose.validation.TRAIN_RULES)
-        from ..validation import validate_train_options
-
         checked = validate_train_options({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         for name, value in checked.items():
             setattr(self, name, value)
@@ -172,3 +173,39 @@ def make_scheduler(optimizer, config: TrainConfig):
         num_training_steps=config.max_steps,
         scheduler_specific_kwargs=kwargs,
     )
+
+
+#: Ranges of :class:`compose.train.TrainConfig` options (types come from its annotations).
+TRAIN_RULES: dict[str, Rule] = {
+    "max_steps": POSITIVE,
+    "learning_rate": Rule(gt=0),
+    "batch_size": POSITIVE,
+    "seq_len": POSITIVE,
+    "gradient_accumulation_steps": POSITIVE,
+    "warmup_ratio": Rule(ge=0, lt=1),
+    "min_lr_ratio": Rule(ge=0, le=1),
+    "weight_decay": NON_NEGATIVE,
+    "adam_betas": Rule(ge=0, lt=1),
+    "adam_eps": Rule(gt=0),
+    "max_grad_norm": Rule(gt=0, note="use None for no clipping"),
+    "loss_chunk_tokens": POSITIVE,
+    "eval_every": NON_NEGATIVE,
+    "eval_batches": Rule(ge=1, note="use None for all batches"),
+    "save_every": NON_NEGATIVE,
+    "keep_checkpoints": POSITIVE,
+    "seed": NON_NEGATIVE,
+    "log_every": NON_NEGATIVE,
+    "num_proc": POSITIVE,
+}
+
+
+def validate_train_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The keyword options of ``Composer.fit`` checked against :class:`~compose.train.TrainConfig`."""
+    out = rules.validate_options(TrainConfig, options, rules=TRAIN_RULES, what="training option")
+    if out.get("max_grad_norm") == 0:
+        raise fail("max_grad_norm", 0, "a number > 0 (use None for no clipping)")
+    if "callbacks" in out and not all(callable(cb) for cb in out["callbacks"]):
+        raise fail("callbacks", out["callbacks"], "a list of callables cb(step, metrics)")
+    if "report_to" in out:
+        check_report_to(out["report_to"])  # names only; whether each is installed is checked when training starts
+    return out
