@@ -39,7 +39,11 @@ __all__ = ["Composer", "load_model", "hub_access", "CONFIG_NAME", "FORMAT_VERSIO
 
 
 def _is_rank_zero() -> bool:
-    """The process that owns the output directory (the only one under ``accelerate launch``)."""
+    """The process that owns the output directory (the only one under ``accelerate launch``).
+
+    Read from the launcher's ``RANK`` rather than accelerate's ``PartialState``: this runs before
+    training, and creating the state here would set up the process group before the
+    accelerator that training builds with its own settings."""
     return os.environ.get("RANK", "0") in ("0", "")
 
 

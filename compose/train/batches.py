@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import arch
 from ..data import TokenBlocks, build_blocks, check_cache_dir, stream_blocks
+from ..data.padding import pad_id_of
 from .config import TrainConfig
 
 
@@ -84,8 +85,7 @@ def _make_data(model, train_data, eval_data, tokenizer, config: TrainConfig, ran
             f"seq_len={config.seq_len} is beyond the model's {limit} positions (max_position_embeddings); "
             f"use seq_len <= {limit}"
         )
-    pad = getattr(model_config, "pad_token_id", None)
-    pad = pad if isinstance(pad, int) and pad >= 0 else 0
+    pad = pad_id_of(model_config)
     opts = dict(
         packing=config.packing,
         mask_prompt=config.mask_prompt,

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -141,8 +142,7 @@ class CrossConnection(nn.Module):
             nn.init.zeros_(self.o.weight)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        return rearrange(x, "b n (h d) -> b h n d", h=self.num_heads)
 
     def keys_values(self, augment_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project augmenting states ``[B, S, D_A]`` to keys and values ``[B, heads, S, head_dim]``."""
@@ -168,7 +168,7 @@ class CrossConnection(nn.Module):
             mask = F.pad(mask, (1, 0), value=True)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         out = out * any_visible[:, None, :, None].to(out.dtype)
-        out = self.o(out.transpose(1, 2).reshape(hidden.shape[0], hidden.shape[1], -1))
+        out = self.o(rearrange(out, "b h n d -> b n (h d)"))
         if self.gate is not None:
             out = torch.tanh(self.gate) * out
         return (out * self.scale.to(out.dtype)).to(hidden.dtype)
