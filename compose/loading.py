@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .gguf import gguf_folder, is_gguf
+from .paths import looks_local
 from .rules import OptionError
 
 __all__ = [
@@ -43,7 +44,7 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 def _is_local_path_like(s: str) -> bool:
-    return s.startswith((".", "/", "~")) or s.count("/") > 1 or os.sep != "/" and os.sep in s
+    return looks_local(s)  # one rule for models, tokenizers and data: compose.paths
 
 
 def load_model(

@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-_FILE_SUFFIXES = {".txt", ".jsonl", ".json", ".parquet"}
+from ..paths import looks_local
+
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def _looks_like_path(s: str) -> bool:
-    # Hub names are "name" or "org/name"; anything else that is not on disk is a missing file.
-    return s.startswith((".", "/", "~")) or Path(s).suffix.lower() in _FILE_SUFFIXES or s.count("/") > 1
+    return looks_local(s)  # hub names are "name" or "org/name"; see compose.paths
 
 
 def check_cache_dir(cache_dir: str | os.PathLike | None) -> str | None:

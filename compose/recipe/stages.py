@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ..loading import DTYPES
+from ..paths import looks_local
 from ..rules import OptionError, Rule, check_value
 from ..strategies import STRATEGIES, StrategyConfig, get_strategy, make_config
 from ..testing import TINY_PREFIX, parse_tiny_spec
@@ -227,14 +228,6 @@ def stage_sources(cfg: DictConfig) -> list[tuple[str, Any]]:
     for section in ("perplexity", "exact_match"):
         out += [(f"eval.{section}.{name}", src) for name, src in to_container(cfg.eval[section]).items()]
     return out
-
-
-def looks_local(s: str) -> bool:
-    return (
-        s.startswith((".", "/", "~"))
-        or s.count("/") > 1
-        or Path(s).suffix.lower() in (".txt", ".jsonl", ".json", ".parquet")
-    )
 
 
 def check_source(src: Any, where: str) -> None:
