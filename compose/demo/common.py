@@ -88,3 +88,15 @@ def plot_bars(rows: list[dict[str, Any]], metrics: list[str], title: str, path) 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def report_run(out, name: str, metrics: list[str], title: str) -> dict[str, Any]:
+    """A finished run's table (printed) and bar plot (``name.png`` beside ``name.json``), from its JSON."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    result = json.loads((out / f"{name}.json").read_text())
+    plot_bars(result["rows"], metrics, title, out / f"{name}.png")
+    _log(_markdown(result["rows"], digits=4))
+    return result

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import _log, _markdown, _n_trainable, plot_bars
+from .common import _log, _n_trainable, report_run
 from .real import fit_resumable, lora_rank_for, prepare, record_frozen_check, recorded_frozen_check
 
 HELD_OUT_BOOKS = ("Ruth", "Jonah", "Phil")
@@ -198,13 +198,4 @@ def run_real_calm(cfg: RealCalmConfig, out: str | Path, root=None) -> dict[str, 
 
 def report(out: str | Path) -> dict[str, Any]:
     """The finished run's table (printed) and plot (``real_calm.png`` beside ``real_calm.json``), from its JSON."""
-    out = Path(out)
-    result = json.loads((out / "real_calm.json").read_text())
-    plot_bars(
-        result["rows"],
-        ["chrF", "English bpb"],
-        "Chichewa -> English, held-out books (SmolLM2-135M)",
-        out / "real_calm.png",
-    )
-    _log(_markdown(result["rows"], digits=4))
-    return result
+    return report_run(out, "real_calm", ["chrF", "English bpb"], "Chichewa -> English, held-out books (SmolLM2-135M)")

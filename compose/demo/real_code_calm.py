@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import _log, _markdown, _n_trainable, plot_bars
+from .common import _log, _n_trainable, report_run
 from .real import (
     RealLlamaProConfig,
     corpora,
@@ -134,13 +134,9 @@ def run_real_code_calm(cfg: RealCodeCalmConfig, out: str | Path, root=None) -> d
 
 def report(out: str | Path) -> dict[str, Any]:
     """The finished run's table (printed) and plot (``real_code_calm.png`` beside ``real_code_calm.json``), from its JSON."""
-    out = Path(out)
-    result = json.loads((out / "real_code_calm.json").read_text())
-    plot_bars(
-        result["rows"],
+    return report_run(
+        out,
+        "real_code_calm",
         ["code bpb", "English bpb", "pass@1"],
         "SmolLM2-135M reading Qwen2.5-Coder-0.5B (held-out code)",
-        out / "real_code_calm.png",
     )
-    _log(_markdown(result["rows"], digits=4))
-    return result
