@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .data.padding import generation_pad_id
+
 
 def _named(items: list[str], prefix: str) -> dict[str, str]:
     out: dict[str, str] = {}
@@ -116,7 +118,7 @@ def _cmd_generate(args) -> int:
     if tok is None:
         raise ValueError(f"{args.dir} has no tokenizer (and its anchor has none): cannot encode text prompts")
     torch.manual_seed(args.seed)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = generation_pad_id(tok, getattr(composer.model, "config", None))
 
     for prompt in args.prompt:
         enc = _chat_encoding(tok, prompt, args) if args.chat else tok(prompt, return_tensors="pt")

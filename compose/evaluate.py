@@ -21,7 +21,7 @@ import torch
 
 from . import packing
 from .data import IGNORE, build_blocks, collate, load_records
-from .data.padding import pad_batch, pad_id_of
+from .data.padding import generation_pad_id, pad_batch, pad_id_of
 from .guards import check_eval_batch_size
 from .harness import lm_eval
 from .reports import forgetting_report, format_table, plot_forgetting, plot_history, plot_perplexity
@@ -177,14 +177,7 @@ def perplexity_report(
 
 
 def _pad_id(composer: Composer) -> int:
-    for obj in (composer.tokenizer, getattr(composer.model, "config", None)):
-        for attr in ("pad_token_id", "eos_token_id"):
-            value = getattr(obj, attr, None) if obj is not None else None
-            if isinstance(value, list):
-                value = value[0] if value else None
-            if isinstance(value, int) and value >= 0:
-                return value
-    return 0
+    return generation_pad_id(composer.tokenizer, getattr(composer.model, "config", None))
 
 
 def _as_ids(value: Any, tokenizer, what: str, index: int, *, special: bool) -> list[int]:

@@ -21,6 +21,19 @@ def pad_id_of(config: Any) -> int:
     return pad if isinstance(pad, int) and pad >= 0 else 0
 
 
+def generation_pad_id(tokenizer: Any, config: Any) -> int:
+    """The id that pads prompts for generation: the tokenizer's pad, else its EOS, else the model
+    config's pad, else its EOS (the first of a list), else 0."""
+    for obj in (tokenizer, config):
+        for attr in ("pad_token_id", "eos_token_id"):
+            value = getattr(obj, attr, None) if obj is not None else None
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if isinstance(value, int) and value >= 0:
+                return value
+    return 0
+
+
 def pad_batch(
     rows: Sequence[Sequence[int]], pad_token_id: int, *, side: str = "right"
 ) -> tuple[torch.Tensor, torch.Tensor]:

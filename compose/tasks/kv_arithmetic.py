@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.padding import pad_batch
+
 __all__ = ["KVArithmetic", "answer_accuracy", "memory_accuracy"]
 
 PAD, BOS, EOS, PLUS, MINUS, EQ = range(6)
@@ -309,13 +311,7 @@ def answer_accuracy(model: torch.nn.Module, records: list[dict], *, batch_size: 
         device = next(model.parameters()).device
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
-            width = max(r["answer_pos"] for r in chunk)
-            ids = torch.full((len(chunk), width), PAD, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, rec in enumerate(chunk):
-                k = rec["answer_pos"]
-                ids[r, :k] = torch.tensor(rec["input_ids"][:k])
-                mask[r, :k] = 1
+            ids, mask = pad_batch([rec["input_ids"][: rec["answer_pos"]] for rec in chunk], PAD)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             last = mask.sum(1) - 1
             pred = logits[torch.arange(len(chunk)), last.to(device)].argmax(-1).cpu()
