@@ -233,6 +233,27 @@ def recorded_frozen_check(directory: Path, previous: Path) -> bool | None:
     return None
 
 
+def experiment_parser(doc: str, out: str, ints: tuple[str, ...]):
+    """The command line shared by the real-model drivers in ``bench/``: ``--out``, ``--root``,
+    ``--report`` and one integer option per name in ``ints`` (``--stage1-steps`` for ``stage1_steps``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", default=out)
+    p.add_argument("--root", default=None, help="where models and corpora are cached (default ~/.cache/compose/real)")
+    for name in ints:
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    p.add_argument("--report", action="store_true", help="only print the finished runs' table and redraw the plot")
+    return p
+
+
+def with_args(cfg, args, names: tuple[str, ...]):
+    """``cfg`` with the options among ``names`` that were given on the command line."""
+    from dataclasses import replace
+
+    return replace(cfg, **{n: getattr(args, n) for n in names if getattr(args, n) is not None})
+
+
 def prepare(cfg, root=None) -> Path:
     """Threads as configured; the model's plain folder (fetched and converted on first use)."""
     import torch
