@@ -45,7 +45,6 @@ from .base import Strategy, StrategyConfig, register, shard_options
 from .block_expand_lora import (
     NewBlockLora,
     _as_patterns,
-    _init_lora_,
     _is_linear,
     _lora_layers,
     _matches,
@@ -341,12 +340,10 @@ class BlockExpand(Strategy):
         full = [f"{prefix}.{i}.{t}" for i in self.inserted for t in targets]
         inject_adapters(model, lora, full, conv=isinstance(new[0].get_submodule(targets[0]), Conv1D))
         model.requires_grad_(False)
-        generator = torch.Generator().manual_seed(0)
         blocks = arch.get_blocks(model)
         for i in self.inserted:
             for tname in targets:
                 layer = blocks[i].get_submodule(tname)
-                _init_lora_(layer, generator, lora.init_lora_weights)
                 for pname, param in layer.named_parameters():
                     if pname.startswith(("lora_A.", "lora_B.")):
                         param.requires_grad_(True)

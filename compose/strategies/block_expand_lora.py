@@ -8,6 +8,7 @@ options use, and merging trained adapters into plain weights.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import numbers
@@ -190,37 +191,24 @@ def _lora_layers(model: nn.Module):
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s state dict with every LoRA adapter merged into its base layer, under the plain names.
 
-    The model itself is not changed; only the adapted layers' weights are new tensors.
+    peft's own merge, on a copy of each adapted layer: the model itself keeps its adapters and weights.
     """
     state = model.state_dict()
     for name, layer in _lora_layers(model):
-        base = layer.get_base_layer()
         for key in [k for k in state if k.startswith(f"{name}.")]:
             del state[key]
-        with torch.no_grad():
-            delta = sum(layer.get_delta_weight(a) for a in layer.lora_A)
-            state[f"{name}.weight"] = (base.weight.float() + delta.float()).to(base.weight.dtype)
+        merged = copy.deepcopy(layer)
+        merged.merge(safe_merge=True)
+        base = merged.get_base_layer()
+        state[f"{name}.weight"] = base.weight.detach()
         if base.bias is not None:
             state[f"{name}.bias"] = base.bias.detach()
     return state
 
 
-def _init_lora_(layer: nn.Module, generator: torch.Generator, init: bool | str) -> None:
-    """Draw ``A`` from a seeded generator (peft's distributions) and zero ``B``: same options, same adapters."""
-    with torch.no_grad():
-        for adapter in layer.lora_A:
-            a = layer.lora_A[adapter].weight
-            if init == "gaussian":
-                fresh = torch.randn(a.shape, generator=generator) / layer.r[adapter]
-            else:  # Kaiming-uniform with a = sqrt(5), as nn.Linear and peft: bound 1 / sqrt(fan_in)
-                bound = 1 / math.sqrt(a.shape[1])
-                fresh = torch.rand(a.shape, generator=generator) * (2 * bound) - bound
-            a.copy_(fresh.to(a.dtype))
-            layer.lora_B[adapter].weight.zero_()
-
-
-def inject_adapters(model: nn.Module, lora: NewBlockLora, targets: list[str], *, conv: bool) -> None:
-    """peft's adapters on the modules named ``targets`` (full paths); ``conv``: they are ``Conv1D`` layers."""
+def inject_adapters(model: nn.Module, lora: NewBlockLora, targets: list[str], *, conv: bool, seed: int = 0) -> None:
+    """peft's adapters, initialised by peft, on the modules named ``targets`` (full paths); ``conv``: they
+    are ``Conv1D`` layers. The adapters depend on ``seed`` only, not on the caller's random state."""
     import peft
 
     config = peft.LoraConfig(
@@ -233,8 +221,11 @@ def inject_adapters(model: nn.Module, lora: NewBlockLora, targets: list[str], *,
         fan_in_fan_out=conv,
         bias="none",
     )
-    with warnings.catch_warnings():
+    # peft draws A (B starts at zero) from the global generator on the CPU: a fixed seed on a forked
+    # generator gives the same adapters for the same options, and leaves the caller's random state alone.
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        torch.manual_seed(seed)
         peft.inject_adapter_in_model(config, model, adapter_name=_ADAPTER)
     # inject_adapter_in_model leaves its config on the model; the model stays a plain transformers one.
     if hasattr(model, "peft_config"):
