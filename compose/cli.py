@@ -18,10 +18,7 @@ files, and printing is the only main-process-only action.
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
 import sys
-import textwrap
 
 from .cli_commands import (
     _cmd_check,
@@ -32,29 +29,10 @@ from .cli_commands import (
     _cmd_push,
     _cmd_train,
 )
+from .rules import help_of
 from .strategies import STRATEGIES, Strategy
 
 __all__ = ["main", "build_parser"]
-
-
-def _attribute_docs(cls: type) -> dict[str, str]:
-    """``{field: docstring}`` from the string literals that follow a dataclass's fields."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    docs: dict[str, str] = {}
-    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-    for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(getattr(nxt, "value", None), ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
 
 
 def _recipe_keys_help() -> str:
@@ -73,7 +51,7 @@ def _recipe_keys_help() -> str:
         ("output.", r.OutputSection, r.OutputSection),
     ]
     for prefix, schema, doc_source in sections:
-        docs = {**_attribute_docs(doc_source), **_attribute_docs(schema)}
+        docs = {**help_of(doc_source), **help_of(schema)}
         for f in dataclasses.fields(schema):
             if prefix == "" and f.name in ("data", "train", "eval", "output"):
                 continue

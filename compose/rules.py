@@ -79,19 +79,38 @@ POSITIVE = Rule(ge=1)
 NON_NEGATIVE = Rule(ge=0)
 
 _RULE = "rule"
+_HELP = "help"
 
 
-def option(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **rule: Any) -> Any:
-    """A dataclass field whose range is declared beside it: ``r: int = option(8, ge=1)``.
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    help: str | None = None,  # noqa: A002 - argparse's and HfArgumentParser's name for it
+    repr: bool = True,  # noqa: A002 - dataclasses.field's name for it
+    **rule: Any,
+) -> Any:
+    """A dataclass field with its range and its help declared beside it: ``r: int = option(8, ge=1, help="...")``.
 
-    ``rule`` holds :class:`Rule`'s keywords (``gt``/``ge``/``lt``/``le``/``note``).
+    ``rule`` holds :class:`Rule`'s keywords (``gt``/``ge``/``lt``/``le``/``note``); ``help`` is the
+    sentence the command line's help shows for the field (:func:`help_of`).
     """
-    return dataclasses.field(default=default, default_factory=default_factory, metadata={_RULE: Rule(**rule)})
+    metadata: dict[str, Any] = {}
+    if rule:
+        metadata[_RULE] = Rule(**rule)
+    if help is not None:
+        metadata[_HELP] = help
+    return dataclasses.field(default=default, default_factory=default_factory, repr=repr, metadata=metadata)
 
 
 def rules_of(cls: type) -> dict[str, Rule]:
     """``{field: Rule}`` declared with :func:`option` on dataclass ``cls``."""
     return {f.name: f.metadata[_RULE] for f in dataclasses.fields(cls) if _RULE in f.metadata}
+
+
+def help_of(cls: type) -> dict[str, str]:
+    """``{field: help}`` declared with :func:`option` on dataclass ``cls``."""
+    return {f.name: f.metadata[_HELP] for f in dataclasses.fields(cls) if _HELP in f.metadata}
 
 
 # ---------------------------------------------------------------------------- types

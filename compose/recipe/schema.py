@@ -53,18 +53,24 @@ def _train_default(name: str) -> Any:
 class DataSection:
     """What to train on."""
 
-    train: Any = None
-    """A source or a list of sources: a local .txt/.jsonl/.parquet file, a hub dataset name, or a mapping
-    ``{path, name, data_dir, split, columns, weight, max_records}``: ``name``/``data_dir``/``split`` go to
-    ``datasets.load_dataset``, ``columns`` renames fields (``{content: text}``), ``weight`` repeats a source's
-    blocks (1.5 = all once, half of them twice), ``max_records`` keeps the first N records."""
-    eval: Any = None
-    """Held-out source(s) whose loss is logged during training (``eval_loss``)."""
-    tokenizer: str | None = None
-    """Tokenizer path or hub id; default: the one beside the anchor."""
-    augment_tokenizer: Any = None
-    """``calm`` only: the augmenting model's own tokenizer (path or hub id; a list with several augments).
-    The augment then reads the text with it, aligned by characters; default: same-vocabulary composition."""
+    train: Any = option(
+        None,
+        help=(
+            "A source or a list of sources: a local .txt/.jsonl/.parquet file, a hub dataset name, or a mapping "
+            "``{path, name, data_dir, split, columns, weight, max_records}``: ``name``/``data_dir``/``split`` go to"
+            " ``datasets.load_dataset``, ``columns`` renames fields (``{content: text}``), ``weight`` repeats a "
+            "source's blocks (1.5 = all once, half of them twice), ``max_records`` keeps the first N records."
+        ),
+    )
+    eval: Any = option(None, help="Held-out source(s) whose loss is logged during training (``eval_loss``).")
+    tokenizer: str | None = option(None, help="Tokenizer path or hub id; default: the one beside the anchor.")
+    augment_tokenizer: Any = option(
+        None,
+        help=(
+            "``calm`` only: the augmenting model's own tokenizer (path or hub id; a list with several augments). "
+            "The augment then reads the text with it, aligned by characters; default: same-vocabulary composition."
+        ),
+    )
     seq_len: int = _train_default("seq_len")
     packing: bool = _train_default("packing")
     mask_prompt: bool = _train_default("mask_prompt")
@@ -77,46 +83,52 @@ class DataSection:
 class LmEvalSection:
     """lm-evaluation-harness tasks run on the trained model (``compose.evaluate.lm_eval``)."""
 
-    tasks: list[str] = field(default_factory=list)
-    """Task names, e.g. ``[hellaswag, arc_easy]``."""
-    num_fewshot: int | None = option(None, ge=0)
-    """Examples in the prompt; default: each task's own."""
-    limit: int | None = option(None, ge=1)
-    """Cap on examples per task (a quick look, not a score to report)."""
-    batch_size: int = option(8, ge=1)
-    """Sequences per batch."""
+    tasks: list[str] = option(default_factory=list, help="Task names, e.g. ``[hellaswag, arc_easy]``.")
+    num_fewshot: int | None = option(None, ge=0, help="Examples in the prompt; default: each task's own.")
+    limit: int | None = option(None, ge=1, help="Cap on examples per task (a quick look, not a score to report).")
+    batch_size: int = option(8, ge=1, help="Sequences per batch.")
 
 
 @dataclass
 class EvalSection:
     """What to measure after training (and, with ``baseline``, before)."""
 
-    perplexity: dict[str, Any] = field(default_factory=dict)
-    """Named perplexity sets: ``{name: source}``."""
-    exact_match: dict[str, Any] = field(default_factory=dict)
-    """Named generation tasks: ``{name: source of {prompt, answer} records}`` (greedy decoding)."""
-    domain: list[str] = field(default_factory=list)
-    """Names of the perplexity sets that are the training domain (the others are "general" in the forgetting report)."""
-    baseline: bool = False
-    """Also evaluate before training (for ``block_expand``/``calm``/``lora`` this is the anchor) and write a forgetting report."""
-    batch_size: int = option(8, ge=1)
-    """Sequences per evaluation batch (and prompts per generation batch)."""
-    seq_len: int | None = option(None, ge=2)
-    """Tokens per perplexity block; default: ``data.seq_len``."""
-    max_batches: int | None = option(None, ge=1)
-    """Cap on batches per perplexity set."""
-    max_new_tokens: int | None = option(None, ge=1)
-    """Exact-match generation length; default: longest answer + 8 tokens."""
-    plots: bool = True
-    """Write loss / perplexity / forgetting PNGs into the output directory."""
-    lm_eval: LmEvalSection | None = None
-    """lm-evaluation-harness tasks: ``{tasks: [...], num_fewshot, limit, batch_size}``."""
+    perplexity: dict[str, Any] = option(default_factory=dict, help="Named perplexity sets: ``{name: source}``.")
+    exact_match: dict[str, Any] = option(
+        default_factory=dict,
+        help="Named generation tasks: ``{name: source of {prompt, answer} records}`` (greedy decoding).",
+    )
+    domain: list[str] = option(
+        default_factory=list,
+        help=(
+            'Names of the perplexity sets that are the training domain (the others are "general" in the forgetting '
+            "report)."
+        ),
+    )
+    baseline: bool = option(
+        False,
+        help=(
+            "Also evaluate before training (for ``block_expand``/``calm``/``lora`` this is the anchor) and write a "
+            "forgetting report."
+        ),
+    )
+    batch_size: int = option(8, ge=1, help="Sequences per evaluation batch (and prompts per generation batch).")
+    seq_len: int | None = option(None, ge=2, help="Tokens per perplexity block; default: ``data.seq_len``.")
+    max_batches: int | None = option(None, ge=1, help="Cap on batches per perplexity set.")
+    max_new_tokens: int | None = option(
+        None, ge=1, help="Exact-match generation length; default: longest answer + 8 tokens."
+    )
+    plots: bool = option(True, help="Write loss / perplexity / forgetting PNGs into the output directory.")
+    lm_eval: LmEvalSection | None = option(
+        None, help="lm-evaluation-harness tasks: ``{tasks: [...], num_fewshot, limit, batch_size}``."
+    )
 
 
 @dataclass
 class OutputSection:
-    dir: str | None = None
-    """Where checkpoints, metrics and ``final/`` go; default ``runs/<recipe file name>``."""
+    dir: str | None = option(
+        None, help="Where checkpoints, metrics and ``final/`` go; default ``runs/<recipe file name>``."
+    )
 
 
 def _train_section() -> type:
@@ -136,22 +148,21 @@ TrainSection = _train_section()
 
 @dataclass
 class RecipeSchema:
-    anchor: str | None = None
-    """Hub id, local checkpoint directory, or a ``tiny:FAMILY`` test stand-in."""
-    augment: Any = None
-    """Augmenting model(s) for ``calm``: same forms, or a list."""
-    strategy: str = MISSING
-    """A registered strategy name (``compose.STRATEGIES``)."""
-    options: dict[str, Any] = field(default_factory=dict)
-    """The strategy's options (see its config class)."""
-    dtype: str | None = None
-    """Load the base models in this dtype (bfloat16, float16, float32); default: as saved."""
+    anchor: str | None = option(None, help="Hub id, local checkpoint directory, or a ``tiny:FAMILY`` test stand-in.")
+    augment: Any = option(None, help="Augmenting model(s) for ``calm``: same forms, or a list.")
+    strategy: str = option(MISSING, help="A registered strategy name (``compose.STRATEGIES``).")
+    options: dict[str, Any] = option(default_factory=dict, help="The strategy's options (see its config class).")
+    dtype: str | None = option(
+        None, help="Load the base models in this dtype (bfloat16, float16, float32); default: as saved."
+    )
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)  # type: ignore[valid-type]
     eval: EvalSection = field(default_factory=EvalSection)
     output: OutputSection = field(default_factory=OutputSection)
-    stages: list[dict[str, Any]] = field(default_factory=list)
-    """Partial recipes run in order, each merged over the top level (see the package docstring)."""
+    stages: list[dict[str, Any]] = option(
+        default_factory=list,
+        help="Partial recipes run in order, each merged over the top level (see the package docstring).",
+    )
 
 
 SECTIONS = {"": RecipeSchema, "data": DataSection, "train": TrainSection, "eval": EvalSection, "output": OutputSection}
