@@ -13,7 +13,8 @@ from .columns import IGNORE
 
 
 def pad_id_of(config: Any) -> int:
-    """The id that pads a model's blocks: its config's ``pad_token_id`` when that is a token id, else 0.
+    """The id that pads a model's blocks: its config's (or a tokenizer's) ``pad_token_id`` when that is a
+    token id, else 0.
 
     Padding is masked out of attention and loss, so the id only has to be a valid embedding row.
     """

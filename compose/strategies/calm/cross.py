@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ... import arch, packing
+from ...data.padding import pad_batch
 from .xtok import CrossTokenizer, vocab_fingerprint
 
 __all__ = ["CrossTokenizerMixin"]
@@ -87,11 +88,8 @@ class CrossTokenizerMixin:
         width = max(1, max(len(a) for a, _ in aligned))
         self._check_augment_length(i, width)
         device = input_ids.device
-        aug_ids = torch.full((len(rows), width), xt.pad_id, dtype=torch.long)
-        aug_mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for b, (ids, _) in enumerate(aligned):
-            aug_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            aug_mask[b, : max(1, len(ids))] = 1  # an empty row runs one (never visible) pad token
+        # an empty row runs one (never visible) pad token
+        aug_ids, aug_mask = pad_batch([ids or [xt.pad_id] for ids, _ in aligned], xt.pad_id)
         positions = torch.arange(width).expand(len(rows), -1)
         states = self._augment_states(i, aug_ids.to(device), aug_mask.to(device), positions.to(device), None)
         for c in conns:
@@ -115,16 +113,11 @@ class CrossTokenizerMixin:
                 spans += [(len(aug), len(aug) + c) for c in counts]
                 aug, pos, start = aug + doc_ids, pos + list(range(len(doc_ids))), end
             rows.append((aug, pos, spans))
-        width = max(1, max(len(a) for a, _, _ in rows))
-        aug_ids = torch.full((len(rows), width), xt.pad_id, dtype=torch.long)
-        positions = torch.arange(width).repeat(len(rows), 1)
-        lo, hi = torch.zeros(input_ids.shape, dtype=torch.long), torch.zeros(input_ids.shape, dtype=torch.long)
-        for b, (aug, pos, spans) in enumerate(rows):
-            aug_ids[b, : len(aug)] = torch.tensor(aug, dtype=torch.long)
-            positions[b, : len(pos)] = torch.tensor(pos, dtype=torch.long)
-            positions[b, len(pos) :] = torch.arange(width - len(pos))  # padding: a document of its own
-            lo[b], hi[b] = torch.tensor(spans, dtype=torch.long).T
-        positions = positions.to(device)
+        aug_ids, _ = pad_batch([aug or [xt.pad_id] for aug, _, _ in rows], xt.pad_id)
+        width = aug_ids.shape[1]
+        # padding positions restart at 0: the padding is a document of its own, seen by no real token
+        positions = torch.tensor([pos + list(range(width - len(pos))) for _, pos, _ in rows], device=device)
+        lo, hi = torch.tensor([spans for _, _, spans in rows], dtype=torch.long).unbind(-1)
         aug_docs = packing.document_ids(positions)
         states = self._augment_states(i, aug_ids.to(device), None, positions, None, aug_docs)
         for c in conns:

@@ -37,6 +37,7 @@ import torch
 from transformers import DynamicCache
 
 from ...align import Boundaries, encode, require_fast
+from ...data.padding import pad_id_of
 
 __all__ = ["CrossTokenizer", "RowState", "check_text_data", "vocab_fingerprint", "same_vocabulary", "check_round_trip"]
 
@@ -112,8 +113,7 @@ class CrossTokenizer:
         self._decoder = anchor_tokenizer.backend_tokenizer
         #: special tokens the augmenting tokenizer puts before a text (a BOS): kept; the ones after it are not
         self.leading = _leading(encode(augment_tokenizer, "a", name=self.name).special)
-        pad = augment_tokenizer.pad_token_id
-        self.pad_id = int(pad) if pad is not None else 0
+        self.pad_id = pad_id_of(augment_tokenizer)
 
     # ------------------------------------------------------------------ anchor side
     def text(self, anchor_ids: list[int]) -> str:
