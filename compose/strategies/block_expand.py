@@ -336,9 +336,8 @@ class BlockExpand(Strategy):
         # gradient zero (the projection's weight stays zero).
         if not any(t in residual for t in targets):
             self._dead_blocks_error(model, "lora (with train_modules / lora.target_modules)")
-        prefix = arch.get_family(model).blocks
-        full = [f"{prefix}.{i}.{t}" for i in self.inserted for t in targets]
-        inject_adapters(model, lora, full, conv=isinstance(new[0].get_submodule(targets[0]), Conv1D))
+        conv = isinstance(new[0].get_submodule(targets[0]), Conv1D)
+        inject_adapters(model, lora, targets, arch.get_family(model).blocks, list(self.inserted), conv=conv)
         model.requires_grad_(False)
         blocks = arch.get_blocks(model)
         for i in self.inserted:

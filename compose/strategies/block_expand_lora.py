@@ -206,9 +206,21 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def inject_adapters(model: nn.Module, lora: NewBlockLora, targets: list[str], *, conv: bool, seed: int = 0) -> None:
-    """peft's adapters, initialised by peft, on the modules named ``targets`` (full paths); ``conv``: they
-    are ``Conv1D`` layers. The adapters depend on ``seed`` only, not on the caller's random state."""
+def inject_adapters(
+    model: nn.Module,
+    lora: NewBlockLora,
+    targets: list[str],
+    blocks: str,
+    layers: list[int],
+    *,
+    conv: bool,
+    seed: int = 0,
+) -> None:
+    """peft's adapters on the modules ``targets`` (paths inside a block) of the blocks ``layers`` of the block
+    list at ``blocks`` (a dotted path), chosen and initialised by peft; ``conv``: they are ``Conv1D`` layers.
+
+    The adapters depend on ``seed`` only, not on the caller's random state.
+    """
     import peft
 
     config = peft.LoraConfig(
@@ -216,6 +228,8 @@ def inject_adapters(model: nn.Module, lora: NewBlockLora, targets: list[str], *,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
+        layers_to_transform=layers,
+        layers_pattern=blocks.rsplit(".", 1)[-1],
         use_rslora=lora.use_rslora,
         init_lora_weights=lora.init_lora_weights,
         fan_in_fan_out=conv,
@@ -230,3 +244,10 @@ def inject_adapters(model: nn.Module, lora: NewBlockLora, targets: list[str], *,
     # inject_adapter_in_model leaves its config on the model; the model stays a plain transformers one.
     if hasattr(model, "peft_config"):
         del model.peft_config
+    want = {f"{blocks}.{i}.{t}" for i in layers for t in targets}
+    got = {name for name, _ in _lora_layers(model)}
+    if got != want:  # peft matches by suffix and layer index: a model whose paths fool that is named here
+        raise RuntimeError(
+            f"peft put LoRA adapters on {sorted(got ^ want)[:4]} contrary to the plan (new blocks {layers}, "
+            f"modules {targets}); please report this model's module layout"
+        )
