@@ -15,7 +15,16 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: this one's, with the repository first on ``PYTHONPATH``
+    (an existing ``PYTHONPATH`` is kept after it: the low-end dependency run of ``.ci/run`` sets one)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+ENV = child_env(OMP_NUM_THREADS="1")
 
 
 def run(cmd: list[str]) -> str:

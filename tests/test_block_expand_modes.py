@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from _launch import child_env
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -338,7 +339,6 @@ def test_lora_bf16_model_saves_bf16_merged_copies(random_ids, tmp_path):
 @pytest.mark.slow
 def test_forgetting_bench_has_the_lora_row(tmp_path):
     """bench/forgetting_lora.py --quick: the optional demo row runs end to end."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -347,7 +347,7 @@ def test_forgetting_bench_has_the_lora_row(tmp_path):
     out = tmp_path / "r.json"
     subprocess.run(
         [sys.executable, str(root / "bench" / "forgetting_lora.py"), "--quick", "--out", str(out)],
-        env={**os.environ, "PYTHONPATH": str(root)},
+        env=child_env(),
         check=True,
         capture_output=True,
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _launch import child_env
 
 import compose.io as cio
 from compose import Composer
@@ -729,7 +730,7 @@ def replace(src, dst):
 os.replace = replace
 c.save({str(out)!r})
 """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = child_env()
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert not out.exists() and any(p.name.startswith(".model.") for p in tmp_path.iterdir())

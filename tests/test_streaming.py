@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from _launch import child_env
 from safetensors.torch import load_file
 
 from compose import Composer
@@ -75,7 +75,7 @@ def test_streaming_fit_resumes_across_an_epoch_to_the_same_weights(tmp_path, ran
 
 @pytest.mark.slow
 def test_streaming_sigkill_then_resume_is_bit_identical(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     args = [sys.executable, str(SCRIPT), "--streaming", "--shards", "1", "--steps", "6", "--save-every", "1"]
     out = tmp_path / "run"
     proc = subprocess.Popen(args + ["--out", str(out), "--sleep", "0.4"], env=env, stderr=subprocess.DEVNULL)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _launch import child_env
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -61,7 +61,7 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, random_ids):
 
 def test_sigkill_mid_run_then_resume(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = child_env()
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--out", str(out), "--steps", "8", "--save-every", "1", "--sleep", "0.4"],
         env=env,
@@ -147,7 +147,7 @@ def test_ddp_two_processes_matches_single(tmp_path):
     for MPI); `--multi_gpu` starts two through torchrun, and compose joins them in a gloo group
     when no GPU is present. Two processes x batch 1 must equal one process x batch 2.
     """
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     launcher = [
         sys.executable,
         "-m",

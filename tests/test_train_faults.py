@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _launch import child_env
 from safetensors.torch import load_file
 
 from compose import STRATEGIES, Composer
@@ -147,6 +148,20 @@ def test_two_fits_with_different_mixed_precision_in_one_process(data):
     assert all(torch.isfinite(p).all() for p in c.trainable_parameters().values())
 
 
+def test_precision_change_without_accelerates_reset_is_a_clear_error(data, monkeypatch, tmp_path):
+    """An accelerate that drops its private reset: a second precision in one process fails before writing."""
+    from accelerate.state import AcceleratorState
+
+    c = fresh()
+    c.fit(data, max_steps=1, mixed_precision="no", **FIT)
+    monkeypatch.delattr(AcceleratorState, "_reset_state")
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="run this fit in a new process"):
+        c.fit(data, max_steps=1, mixed_precision="bf16", output_dir=str(out), **FIT)
+    assert not out.exists() or not any(out.iterdir())
+    c.fit(data, max_steps=1, mixed_precision="no", **FIT)  # the same precision still trains
+
+
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))  # every registered strategy
 def test_bf16_frozen_weights_train_on_cpu(data, strategy):
     c = fresh(strategy) if strategy == "calm" else fresh(strategy, dtype="bfloat16")
@@ -170,7 +185,7 @@ def test_bf16_frozen_weights_train_on_cpu(data, strategy):
 
 # ---------------------------------------------------------------------------- kill -9 while saving
 SCRIPT = Path(__file__).parent / "scripts" / "fit_dist.py"
-ENV = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+ENV = child_env(OMP_NUM_THREADS="1")
 ARGS = [sys.executable, str(SCRIPT), "--steps", "4", "--save-every", "1"]
 
 

@@ -17,6 +17,8 @@ from torch import nn
 from .config import TrainConfig
 from .run import _Run
 
+_DEEPSPEED_PLUGIN = "compose"
+
 
 def _resolve_mixed_precision(value: str) -> str:
     if value == "fp16" and not torch.cuda.is_available():
@@ -79,12 +81,22 @@ def _drop_precision() -> None:
     """Drop accelerate's precision settings; the process group (``PartialState``) is kept.
 
     accelerate keeps one state per process and refuses an ``Accelerator`` with another
-    ``mixed_precision``, and has no public way to drop that state (checked up to accelerate 1.16):
-    this is its own reset, the one its tests use, and the only private accelerate name compose calls.
+    ``mixed_precision``, and has no public way to drop that state (accelerate 1.1 to 1.16):
+    this is its own reset, the one its tests use, and the only private accelerate name compose
+    calls. It is tested at both ends of the supported range (``.ci/run``); an accelerate without
+    it gets a clear error instead of a second run in the wrong precision.
     """
+    import accelerate
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(reset_partial_state=False)
+    reset = getattr(AcceleratorState, "_reset_state", None)
+    if reset is None:
+        raise RuntimeError(
+            f"this process already trained with another mixed_precision and accelerate {accelerate.__version__} "
+            "offers no way to change it within one process; run this fit in a new process "
+            "(nothing was written)"
+        )
+    reset(reset_partial_state=False)
 
 
 def _fsdp_on_cpu(accelerator) -> None:
@@ -118,6 +130,7 @@ def _deepspeed_on_cpu(accelerator) -> None:
     group (it would use oneCCL only when installed), so the state is switched to DeepSpeed with a
     plugin read from the same launch settings.
     """
+    from accelerate import PartialState
     from accelerate.utils import DeepSpeedPlugin, DistributedType
 
     wants = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -134,11 +147,13 @@ def _deepspeed_on_cpu(accelerator) -> None:
         ds_comm.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     plugin = DeepSpeedPlugin()
     plugin.set_mixed_precision(accelerator.state.mixed_precision)
-    # accelerate's public select_deepspeed_plugin() re-reads the process state, which still says MULTI_CPU
-    # (checked with accelerate 1.16), so the plugin is selected the way accelerate selects it itself
-    plugin.select(_from_accelerator_state=True)
+    # The process state says DEEPSPEED, as after a GPU DeepSpeed launch: accelerate re-reads it whenever
+    # its state is built, and selects a plugin only in that mode. One named plugin is accelerate's own
+    # form for several (the selected one is the active one).
+    PartialState().distributed_type = DistributedType.DEEPSPEED
     accelerator.state.distributed_type = DistributedType.DEEPSPEED
-    accelerator.state.deepspeed_plugins = plugin
+    accelerator.state.deepspeed_plugins = {_DEEPSPEED_PLUGIN: plugin}
+    accelerator.state.select_deepspeed_plugin(_DEEPSPEED_PLUGIN)
 
 
 def _deepspeed_config(accelerator, config: TrainConfig) -> int:
