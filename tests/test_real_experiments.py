@@ -58,3 +58,26 @@ def test_real_calm_driver_runs_all_stages(tmp_path, folders, monkeypatch):
     assert result["frozen_models_unchanged"] is True and set(result["chichewa_bpb"]) == {"m_B", "m_A"}
     assert all(0 <= r["chrF"] <= 100 for r in result["rows"])
     assert (tmp_path / "run" / "real_calm.png").is_file()
+
+
+def test_real_llama_pro_driver_adds_a_learning_rate_row_beside_the_defaults(tmp_path, folders, monkeypatch):
+    import compose.demo.real as drv
+
+    anchor, _ = folders
+    code = ["def f(x):\n    return x + 1\n" * 20] * 6
+    english = ["In the beginning was the word. " * 20] * 4
+    data = {"code_train": code, "english_train": english, "code_test": code[:2], "english_test": english[:2]}
+    monkeypatch.setattr(drv, "prepare", lambda cfg, root=None: anchor)
+    monkeypatch.setattr(drv, "corpora", lambda cfg, root=None: data)
+    cfg = drv.RealLlamaProConfig(steps=2, seq_len=32, batch_size=2, num_blocks=2, methods=("full", "interleave"))
+    cfg.settings = ("code",)
+    first = drv.run_real_llama_pro(cfg, tmp_path / "run")
+    assert [r["method"] for r in first["rows"]] == ["full", "interleave"]
+    faster = drv.RealLlamaProConfig(**{**cfg.__dict__, "methods": ("interleave",)})
+    faster.lrs = {**cfg.lrs, "block_expand": 5e-4}
+    second = drv.run_real_llama_pro(faster, tmp_path / "run")
+    rows = {r["method"]: r for r in second["rows"]}
+    assert list(rows) == ["full", "interleave", "interleave lr 0.0005"]
+    assert rows["full"] == first["rows"][0] and rows["interleave"] == first["rows"][1]  # not run again
+    assert rows["interleave lr 0.0005"]["code bpb"] != rows["interleave"]["code bpb"]  # trained at its own rate
+    assert (tmp_path / "run" / "code" / "interleave_lr_0.0005" / "result.json").is_file()

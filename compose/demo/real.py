@@ -265,18 +265,28 @@ def prepare(cfg, root=None) -> Path:
     return model_dir(cfg.model, root)
 
 
+def run_name(method: str, cfg: RealLlamaProConfig) -> str:
+    """A run's directory and table label: the method, with its learning rate where that is not the default."""
+    key = _LR_KEY.get(method, "lora" if method.startswith("lora") else "block_expand")
+    default = RealLlamaProConfig().lrs[key]
+    return method if math.isclose(cfg.lrs[key], default) else f"{method} lr {cfg.lrs[key]:g}"
+
+
+_LR_KEY = {"full": "full", "existing": "existing"}
+
+
 def _run_one(method: str, setting: str, model_dir: Path, data, cfg: RealLlamaProConfig, out: Path, rank: int) -> dict:
-    done = out / setting / method / "result.json"
+    name = run_name(method, cfg)
+    done = out / setting / name.replace(" ", "_") / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
     c, lr = _composer(method, model_dir, cfg, rank)
-    _log(f"[real] {setting:6s} {method:12s} lr {lr:g}, {_n_trainable(c):,} trainable")
+    _log(f"[real] {setting:6s} {name:12s} lr {lr:g}, {_n_trainable(c):,} trainable")
     t = time.time()
-    fit_resumable(
-        c, _train_docs(data, setting, cfg.replay), cfg, steps=cfg.steps, lr=lr, out=out / setting / method / "run"
-    )
+    fit_resumable(c, _train_docs(data, setting, cfg.replay), cfg, steps=cfg.steps, lr=lr, out=done.parent / "run")
     train_s = time.time() - t
-    row = {"setting": setting, "method": method, "lr": lr, "trainable": _n_trainable(c), "train_s": round(train_s, 1)}
+    row = {"setting": setting, "method": method, "run": name, "lr": lr, "trainable": _n_trainable(c)}
+    row["train_s"] = round(train_s, 1)
     row.update(_measure(c, data, cfg))
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(row, indent=1))
@@ -317,7 +327,7 @@ def report(out: str | Path) -> dict[str, Any]:
     base = json.loads((out / "base.json").read_text())
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/result.json"))]
     order = {m: i for i, m in enumerate(METHODS)}
-    rows.sort(key=lambda r: (r["setting"] != "code", order.get(r["method"], 99)))
+    rows.sort(key=lambda r: (r["setting"] != "code", order.get(r["method"], 99), r.get("lr", 0)))
     table = summarize(rows, base)
     plot_pareto(table, out / "real_llama_pro.png")
     _log(f"base: code {base['code_bpb']:.4f}  English {base['english_bpb']:.4f} bits/byte")
@@ -327,7 +337,7 @@ def report(out: str | Path) -> dict[str, Any]:
 
 def summarize(rows: list[dict], base: dict[str, float]) -> list[dict]:
     """Code gain and English change (relative, in bits per byte), and the share of full fine-tuning's gain."""
-    full = {r["setting"]: base["code_bpb"] - r["code_bpb"] for r in rows if r["method"] == "full"}
+    full = {r["setting"]: base["code_bpb"] - r["code_bpb"] for r in rows if r.get("run", r["method"]) == "full"}
     table = []
     for r in rows:
         gain = base["code_bpb"] - r["code_bpb"]
@@ -335,7 +345,7 @@ def summarize(rows: list[dict], base: dict[str, float]) -> list[dict]:
         table.append(
             {
                 "setting": r["setting"],
-                "method": r["method"],
+                "method": r.get("run", r["method"]),
                 "trainable": r["trainable"],
                 "code bpb": r["code_bpb"],
                 "code gain %": 100 * gain / base["code_bpb"],
