@@ -31,6 +31,7 @@ from .cli_commands import (
 )
 from .rules import help_of
 from .strategies import STRATEGIES, Strategy
+from .strategies.base import option_summary
 
 __all__ = ["main", "build_parser"]
 
@@ -59,6 +60,8 @@ def _recipe_keys_help() -> str:
             if prefix == "" and f.name == "strategy":
                 doc = f"{doc} One of: {', '.join(sorted(STRATEGIES))}."
             lines.append(f"  {prefix}{f.name}" + (f": {doc}" if doc else ""))
+            if prefix == "" and f.name == "options":
+                lines += [f"    {n}: {option_summary(STRATEGIES[n].config_class)}" for n in sorted(STRATEGIES)]
     return "\n".join(lines)
 
 

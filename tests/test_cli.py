@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from compose import Composer
 from compose.cli import main
+from compose.strategies import STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny"
@@ -25,6 +26,8 @@ def test_help(command, capsys):
     assert "usage: compose" in out
     if command == "train":
         assert "train.learning_rate" in out and "data.seq_len" in out
+        assert "    lora: r (>= 1), alpha (> 0)" in out  # each strategy's options, from the registry
+        assert all(f"    {name}: " in out for name in STRATEGIES)
 
 
 def test_check_reports_every_failure(tmp_path, capsys, monkeypatch):

@@ -122,6 +122,9 @@ output: {{dir: {tmp_path / "run"}}}
 
 
 def test_toy_strategy_through_the_cli(toy, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "    toy: last_blocks (>= 1), explode" in capsys.readouterr().out  # its options, in the recipe keys
     recipe = _recipe(tmp_path)
     assert main(["check", str(recipe)]) == 0
     assert "main: " in capsys.readouterr().out

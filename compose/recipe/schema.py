@@ -151,7 +151,9 @@ class RecipeSchema:
     anchor: str | None = option(None, help="Hub id, local checkpoint directory, or a ``tiny:FAMILY`` test stand-in.")
     augment: Any = option(None, help="Augmenting model(s) for ``calm``: same forms, or a list.")
     strategy: str = option(MISSING, help="A registered strategy name (``compose.STRATEGIES``).")
-    options: dict[str, Any] = option(default_factory=dict, help="The strategy's options (see its config class).")
+    options: dict[str, Any] = option(
+        default_factory=dict, help="The strategy's options (docs/strategies.md); each strategy's, with their ranges:"
+    )
     dtype: str | None = option(
         None, help="Load the base models in this dtype (bfloat16, float16, float32); default: as saved."
     )

@@ -54,6 +54,7 @@ __all__ = [
     "strategy_of",
     "shard_options",
     "strategy_table",
+    "option_summary",
 ]
 
 
@@ -246,6 +247,16 @@ def strategy_of(config: StrategyConfig) -> type[Strategy]:
     raise ValueError(f"{type(config).__name__} belongs to no registered strategy")
 
 
+def option_summary(config_class: type, quote: str = "") -> str:
+    """A strategy's options with their ranges, e.g. ``r (>= 1), alpha (> 0), dropout (>= 0 and < 1)``."""
+    rules = rules_of(config_class)
+    return ", ".join(
+        f"{quote}{f.name}{quote}" + (f" ({rules[f.name].describe()})" if f.name in rules else "")
+        for f in dataclasses.fields(config_class)
+        if f.init
+    )
+
+
 def strategy_table() -> str:
     """The docs' strategy table (``docs/strategies.md``), one row per registered strategy."""
     rows = [
@@ -254,12 +265,7 @@ def strategy_table() -> str:
     ]
     for name in sorted(STRATEGIES):
         cls = STRATEGIES[name]
-        rules = rules_of(cls.config_class)
-        options = ", ".join(
-            f"`{f.name}`" + (f" ({rules[f.name].describe()})" if f.name in rules else "")
-            for f in dataclasses.fields(cls.config_class)
-            if f.init
-        )
+        options = option_summary(cls.config_class, quote="`")
         paper = cls.paper or "-"
         rows.append(
             f"| `{name}` | {cls.method or name} | {paper} | {cls.adds} | {cls.trains} | {cls.saves} | {options} |"
