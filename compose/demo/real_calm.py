@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import _log, _n_trainable, report_run
+from .common import _log, _n_trainable, bind_out, report_run
 from .real import fit_resumable, lora_rank_for, prepare, record_frozen_check, recorded_frozen_check
 
 HELD_OUT_BOOKS = ("Ruth", "Jonah", "Phil")
@@ -156,6 +156,7 @@ def run_real_calm(cfg: RealCalmConfig, out: str | Path, root=None) -> dict[str, 
     from .. import Composer
 
     out = Path(out)
+    bind_out(out, cfg)
     path = str(prepare(cfg, root))
     split = _splits(cfg, root)
     rows = [_score("m_B", Composer(path, strategy="full"), split, cfg, out, 0)]

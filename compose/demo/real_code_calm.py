@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import _log, _n_trainable, report_run
+from .common import _log, _n_trainable, bind_out, report_run
 from .real import (
     RealLlamaProConfig,
     corpora,
@@ -103,6 +103,7 @@ def run_real_code_calm(cfg: RealCodeCalmConfig, out: str | Path, root=None) -> d
     from ..tasks.real import model_dir
 
     out = Path(out)
+    bind_out(out, cfg)
     anchor = str(prepare(cfg, root))
     augment = str(model_dir(cfg.augment, root))
     data = corpora(
