@@ -3,6 +3,7 @@
     python bench/real_llama_pro.py --out runs/real_llama_pro            # the run in docs/results.md
     python bench/real_llama_pro.py --out runs/x --steps 12 --methods full interleave
     python bench/real_llama_pro.py --out runs/real_llama_pro --report   # the table of the finished runs
+    python bench/real_llama_pro.py --spread runs/seed0 runs/seed1 ...   # several seeds / lengths side by side
     python bench/real_llama_pro.py --out runs/real_llama_pro --methods interleave --settings code \
         --lr block_expand=5e-4                                          # one more row: another learning rate
 
@@ -13,9 +14,13 @@ step count needs its own --out (a directory holds one set of settings; --threads
 
 from __future__ import annotations
 
+import json
+import math
+import statistics
 from dataclasses import replace
+from pathlib import Path
 
-from compose.demo.common import OtherSettings
+from compose.demo.common import SETTINGS_FILE, OtherSettings, _markdown
 from compose.demo.real import METHODS, RealLlamaProConfig, experiment_parser, report, run_real_llama_pro, with_args
 
 
@@ -34,6 +39,46 @@ def parse_lrs(items: list[str], groups: dict[str, float], parser) -> dict[str, f
     return lrs
 
 
+def spread(dirs: list[str]) -> dict[str, list[dict]]:
+    """The code-only rows of several result directories (other seeds, lengths, rates) in one table, each
+    run's gain as a share of full fine-tuning's at the same seed and length, and per run the spread over seeds."""
+    rows, full = [], {}
+    for d in map(Path, dirs):
+        if not (d / SETTINGS_FILE).is_file():
+            raise SystemExit(
+                f"error: {d} has no {SETTINGS_FILE} (its seed and length are unknown): run this driver once more with "
+                f"--out {d} and the settings it was made with (finished runs are not repeated)"
+            )
+        settings = json.loads((d / SETTINGS_FILE).read_text())
+        base = json.loads((d / "base.json").read_text())
+        for f in sorted((d / "code").glob("*/result.json")):
+            r = json.loads(f.read_text())
+            row = {"seed": settings["seed"], "steps": settings["steps"], "run": r.get("run", r["method"])}
+            row["code bpb"], row["English bpb"] = r["code_bpb"], r["english_bpb"]
+            row["code gain %"] = 100 * (base["code_bpb"] - r["code_bpb"]) / base["code_bpb"]
+            row["English change %"] = 100 * (r["english_bpb"] - base["english_bpb"]) / base["english_bpb"]
+            rows.append(row)
+            if row["run"] == "full":
+                full[row["seed"], row["steps"]] = row["code gain %"]
+    rows.sort(key=lambda r: (r["steps"], r["run"] != "full", r["run"], r["seed"]))
+    for r in rows:
+        ref = full.get((r["seed"], r["steps"]))
+        r["of full FT gain %"] = 100 * r["code gain %"] / ref if ref else math.nan
+    over_seeds = []
+    for key in dict.fromkeys((r["steps"], r["run"]) for r in rows):
+        group = [r for r in rows if (r["steps"], r["run"]) == key]
+        out = {"steps": key[0], "run": key[1], "seeds": " ".join(str(r["seed"]) for r in group)}
+        for name in ("of full FT gain %", "English change %"):
+            values = [r[name] for r in group]
+            out[f"{name} mean"] = statistics.fmean(values)
+            out[f"{name} min"], out[f"{name} max"] = min(values), max(values)
+        over_seeds.append(out)
+    print(_markdown(rows, digits=4))
+    print()
+    print(_markdown(over_seeds, digits=2))
+    return {"rows": rows, "over_seeds": over_seeds}
+
+
 def main() -> None:
     p = experiment_parser(__doc__, "runs/real_llama_pro", ("steps", "seed", "threads"))
     p.add_argument("--methods", nargs="+", choices=METHODS, default=None)
@@ -46,7 +91,13 @@ def main() -> None:
         help="learning rate of one group of methods (full, lora, block_expand, existing), e.g. block_expand=5e-4; "
         "a run with a non-default rate gets its own row",
     )
+    p.add_argument(
+        "--spread", nargs="+", metavar="DIR", help="only print the code-only rows of these --out folders together"
+    )
     args = p.parse_args()
+    if args.spread:
+        spread(args.spread)
+        return
     if args.report:
         report(args.out)
         return

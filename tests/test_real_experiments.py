@@ -113,3 +113,37 @@ def test_bind_out_keeps_a_results_directory_to_one_set_of_settings(tmp_path):
     with pytest.raises(OtherSettings) as e:
         bind_out(tmp_path / "out", Cfg(steps=3, seed=1, methods=("b",)))
     assert "methods: ['a'] there, ['b'] now; seed: 0 there, 1 now; steps: 2 there, 3 now" in str(e.value)
+
+
+def test_spread_puts_seeds_side_by_side_each_against_its_own_full_run(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("rlp", Path(__file__).parents[1] / "bench" / "real_llama_pro.py")
+    rlp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rlp)
+
+    def folder(name, seed, rows):
+        d = tmp_path / name
+        for run, code, english in rows:
+            (d / "code" / run).mkdir(parents=True)
+            row = {"method": run.split()[0], "run": run, "code_bpb": code, "english_bpb": english}
+            (d / "code" / run / "result.json").write_text(json.dumps(row))
+        (d / "base.json").write_text(json.dumps({"code_bpb": 1.0, "english_bpb": 2.0}))
+        (d / "settings.json").write_text(json.dumps({"seed": seed, "steps": 30}))
+        return str(d)
+
+    a = folder("a", 0, [("full", 0.90, 1.9), ("interleave", 0.95, 2.0)])  # gain 10% and 5%: half of full's
+    b = folder("b", 1, [("full", 0.80, 1.9), ("interleave", 0.95, 1.98)])  # 20% and 5%: a quarter
+    lr = folder("lr", 0, [("interleave lr 0.0005", 0.93, 2.02)])  # no full run here: seed 0's from folder a
+    out = rlp.spread([a, b, lr])
+    share = {(r["run"], r["seed"]): r["of full FT gain %"] for r in out["rows"]}
+    assert share[("full", 0)] == 100 and share[("interleave", 0)] == pytest.approx(50)
+    assert share[("interleave", 1)] == pytest.approx(25) and share[("interleave lr 0.0005", 0)] == pytest.approx(70)
+    inter = next(r for r in out["over_seeds"] if r["run"] == "interleave")
+    assert inter["seeds"] == "0 1" and inter["of full FT gain % mean"] == pytest.approx(37.5)
+    assert inter["of full FT gain % min"] == pytest.approx(25) and inter["English change % max"] == pytest.approx(0)
+    assert "| interleave lr 0.0005 |" in capsys.readouterr().out
+    (tmp_path / "a" / "settings.json").unlink()
+    with pytest.raises(SystemExit, match="no settings.json"):
+        rlp.spread([a])
