@@ -3,7 +3,7 @@
     python bench/real_llama_pro.py --out runs/real_llama_pro            # the run in docs/results.md
     python bench/real_llama_pro.py --out runs/x --steps 12 --methods full interleave
     python bench/real_llama_pro.py --out runs/real_llama_pro --report   # the table of the finished runs
-    python bench/real_llama_pro.py --spread runs/seed0 runs/seed1 ...   # several seeds / lengths side by side
+    python bench/real_llama_pro.py --spread runs/s0 runs/s1 --json s.json  # seeds / lengths side by side
     python bench/real_llama_pro.py --out runs/real_llama_pro --methods interleave --settings code \
         --lr block_expand=5e-4                                          # one more row: another learning rate
 
@@ -94,9 +94,12 @@ def main() -> None:
     p.add_argument(
         "--spread", nargs="+", metavar="DIR", help="only print the code-only rows of these --out folders together"
     )
+    p.add_argument("--json", metavar="FILE", help="with --spread: also write its rows to FILE")
     args = p.parse_args()
     if args.spread:
-        spread(args.spread)
+        table = spread(args.spread)
+        if args.json:
+            Path(args.json).write_text(json.dumps(table, indent=1))
         return
     if args.report:
         report(args.out)
