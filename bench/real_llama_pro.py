@@ -21,7 +21,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from compose.demo.common import SETTINGS_FILE, OtherSettings, _markdown
-from compose.demo.real import METHODS, RealLlamaProConfig, experiment_parser, report, run_real_llama_pro, with_args
+from compose.demo.real import (
+    METHODS,
+    RealLlamaProConfig,
+    experiment_parser,
+    report,
+    run_real_llama_pro,
+    summarize,
+    with_args,
+)
 
 
 def parse_lrs(items: list[str], groups: dict[str, float], parser) -> dict[str, float]:
@@ -51,12 +59,10 @@ def spread(dirs: list[str]) -> dict[str, list[dict]]:
             )
         settings = json.loads((d / SETTINGS_FILE).read_text())
         base = json.loads((d / "base.json").read_text())
-        for f in sorted((d / "code").glob("*/result.json")):
-            r = json.loads(f.read_text())
-            row = {"seed": settings["seed"], "steps": settings["steps"], "run": r.get("run", r["method"])}
-            row["code bpb"], row["English bpb"] = r["code_bpb"], r["english_bpb"]
-            row["code gain %"] = 100 * (base["code_bpb"] - r["code_bpb"]) / base["code_bpb"]
-            row["English change %"] = 100 * (r["english_bpb"] - base["english_bpb"]) / base["english_bpb"]
+        results = [json.loads(f.read_text()) for f in sorted((d / "code").glob("*/result.json"))]
+        for t in summarize(results, base):  # the folder's own table; the share of full FT is redone below
+            row = {"seed": settings["seed"], "steps": settings["steps"], "run": t["method"]}
+            row.update({k: t[k] for k in ("code bpb", "English bpb", "code gain %", "English change %")})
             rows.append(row)
             if row["run"] == "full":
                 full[row["seed"], row["steps"]] = row["code gain %"]

@@ -127,7 +127,8 @@ def test_spread_puts_seeds_side_by_side_each_against_its_own_full_run(tmp_path, 
         d = tmp_path / name
         for run, code, english in rows:
             (d / "code" / run).mkdir(parents=True)
-            row = {"method": run.split()[0], "run": run, "code_bpb": code, "english_bpb": english}
+            row = {"setting": "code", "method": run.split()[0], "run": run, "trainable": 1}
+            row.update(code_bpb=code, english_bpb=english)
             (d / "code" / run / "result.json").write_text(json.dumps(row))
         (d / "base.json").write_text(json.dumps({"code_bpb": 1.0, "english_bpb": 2.0}))
         (d / "settings.json").write_text(json.dumps({"seed": seed, "steps": 30}))

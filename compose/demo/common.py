@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -116,10 +119,6 @@ def bind_out(out, cfg, free: tuple[str, ...] = ("threads",)) -> None:
     another seed or step count, they would report the old result under the new settings. The
     first run writes ``settings.json``; a later one with other settings is refused, naming
     each difference."""
-    import json
-    from dataclasses import asdict
-    from pathlib import Path
-
     out = Path(out)
     wanted = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in free}))
     path = out / SETTINGS_FILE
